@@ -1,0 +1,30 @@
+"""gpufleet: run big models on a few expensive GPUs for many users."""
+
+from gpufleet.errors import (
+    Conflict,
+    GpufleetError,
+    IdempotencyConflict,
+    InvalidInput,
+    LeaseLost,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExceeded,
+    TaskFinished,
+    Unavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conflict",
+    "GpufleetError",
+    "IdempotencyConflict",
+    "InvalidInput",
+    "LeaseLost",
+    "NotFound",
+    "PayloadTooLarge",
+    "QuotaExceeded",
+    "TaskFinished",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,46 @@
+"""The root ``gpufleet`` command: global options, ``--version``, and the command groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gpufleet import __version__
+from gpufleet.cli import db, queue
+from gpufleet.cli.context import CliState, console, load_settings
+
+app = typer.Typer(
+    name="gpufleet",
+    help="Run big models on a few expensive GPUs for many users.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(db.app, name="db")
+app.add_typer(queue.app, name="queue")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"gpufleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Data directory (env GPUFLEET_DATA_DIR)."
+    ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="Task database URL (env GPUFLEET_DATABASE_URL)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    ctx.obj = CliState(load_settings(data_dir=data_dir, database_url=database_url))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,81 @@
+"""``gpufleet queue``: look at the task queue and run its housekeeping by hand."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from gpufleet.cli.context import console, print_json, reported_errors, state
+from gpufleet.queue import TaskQueue
+from gpufleet.store import LocalBlobStore, create_engine, upgrade
+
+app = typer.Typer(help="The task queue: depth and lease recovery.", no_args_is_help=True)
+
+
+def open_queue(ctx: typer.Context) -> TaskQueue:
+    s = state(ctx).settings
+    engine = create_engine(s.resolved_database_url())
+    upgrade(engine)
+    return TaskQueue(
+        engine,
+        LocalBlobStore(s.resolved_blob_dir()),
+        lease_s=s.lease_s,
+        retry_backoff_s=s.retry_backoff_s,
+        retry_backoff_max_s=s.retry_backoff_max_s,
+        batch_lane_every=s.batch_lane_every,
+    )
+
+
+@app.command("stats")
+def stats_cmd(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Queued and running tasks per model and lane, with the oldest one's age."""
+    with reported_errors():
+        stats = open_queue(ctx).stats()
+    if json_out:
+        print_json(
+            [
+                {
+                    "model": r.model,
+                    "lane": r.lane.value,
+                    "status": r.status.value,
+                    "count": r.count,
+                    "oldest_age_s": r.oldest_age_s,
+                }
+                for r in stats.depth
+            ]
+        )
+        return
+    table = Table("model", "lane", "status", "tasks", "oldest (s)")
+    for r in stats.depth:
+        age = f"{r.oldest_age_s:.1f}" if r.oldest_age_s is not None else "-"
+        table.add_row(r.model, r.lane.value, r.status.value, str(r.count), age)
+    if not stats.depth:
+        console.print("the queue is empty")
+    else:
+        console.print(table)
+
+
+@app.command("recover")
+def recover_cmd(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Return tasks whose lease expired to the queue now (serve does this every second)."""
+    with reported_errors():
+        report = open_queue(ctx).recover_expired()
+    if json_out:
+        print_json(
+            {
+                "requeued": list(report.requeued),
+                "failed": list(report.failed),
+                "cancelled": list(report.cancelled),
+            }
+        )
+    else:
+        console.print(
+            f"{len(report.requeued)} requeued, {len(report.failed)} failed, "
+            f"{len(report.cancelled)} cancelled"
+        )

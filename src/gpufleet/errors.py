@@ -1,0 +1,103 @@
+"""gpufleet's exceptions. Each carries a stable ``code`` and the HTTP status the API answers with.
+
+GpufleetError                         code             HTTP
+├── InvalidInput                      invalid_input    422
+│   └── PayloadTooLarge               payload_too_large 413
+├── NotFound                          not_found        404
+├── Conflict                          conflict         409
+│   ├── IdempotencyConflict           idempotency_conflict
+│   ├── TaskFinished                  task_finished
+│   └── LeaseLost                     lease_lost
+├── QuotaExceeded                     quota_exceeded   429
+└── Unavailable                       unavailable      503
+    └── StorageFull                   storage_full     507
+
+The API maps any of these to ``{"error": {"code": ..., "message": ...}}`` in one place, and the
+CLI prints ``code: message``. Codes never change once released; add a subclass for a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GpufleetError(Exception):
+    """Base class. ``details`` holds machine-readable extras (field names, limits, ids)."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidInput(GpufleetError):
+    """A value given by the caller is malformed or out of range; ``field`` names it."""
+
+    code = "invalid_input"
+    http_status = 422
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class NotFound(GpufleetError):
+    """The thing does not exist, or belongs to another tenant (the two look the same)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(GpufleetError):
+    code = "conflict"
+    http_status = 409
+
+
+class IdempotencyConflict(Conflict):
+    """The idempotency key was used before with a different request."""
+
+    code = "idempotency_conflict"
+
+
+class TaskFinished(Conflict):
+    """The task already ended (succeeded, failed or cancelled); it cannot change again."""
+
+    code = "task_finished"
+
+
+class LeaseLost(Conflict):
+    """The worker no longer holds the task's lease (it expired and the task moved on)."""
+
+    code = "lease_lost"
+
+
+class QuotaExceeded(GpufleetError):
+    code = "quota_exceeded"
+    http_status = 429
+
+
+class Unavailable(GpufleetError):
+    """A dependency (database, blob store) cannot take the request now; retry later."""
+
+    code = "unavailable"
+    http_status = 503
+
+
+class StorageFull(Unavailable):
+    """The database or blob storage is out of space; new work is refused, nothing is lost."""
+
+    code = "storage_full"
+    http_status = 507

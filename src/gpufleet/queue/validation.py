@@ -1,0 +1,141 @@
+"""Checks and normalises what callers hand the queue, before anything is written.
+
+Every refusal is an ``InvalidInput`` (or ``PayloadTooLarge``) naming the field, the value and
+what would be accepted; nothing reaches the database or the blob store until all checks pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.errors import InvalidInput, PayloadTooLarge
+from gpufleet.queue.tasks import Lane, TaskError, TaskSpec, TaskStatus
+
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+MAX_ATTEMPTS_LIMIT = 100
+_NAME = (
+    re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+    "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+_VERSION = (
+    re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"),
+    "1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit",
+)
+_TENANT = (
+    re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"),
+    "1-128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+)
+_WORKER = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+@dataclass(frozen=True)
+class Limits:
+    inline_input_limit: int = 64 * 1024
+    max_input_bytes: int = 16 * 1024 * 1024
+    default_max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    spec: TaskSpec
+    lane: Lane
+    max_attempts: int
+    encoded_input: bytes  # canonical JSON
+    request_hash: str
+
+
+def check_name(value: object, field: str, rule: tuple[re.Pattern[str], str] = _NAME) -> str:
+    pattern, text = rule
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidInput(f"{field} must be {text}; got {value!r:.80}", field=field)
+    return value
+
+
+def check_int(value: object, field: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidInput(
+            f"{field} must be an integer between {lo} and {hi}, got {value!r:.40}", field=field
+        )
+    return value
+
+
+def check_lane(value: object) -> Lane:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return Lane(value)
+    except ValueError:
+        choices = ", ".join(repr(lane.value) for lane in Lane)
+        raise InvalidInput(
+            f"lane must be one of {choices}, got {value!r:.40}", field="lane"
+        ) from None
+
+
+def check_status(value: object) -> TaskStatus:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return TaskStatus(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in TaskStatus)
+        raise InvalidInput(
+            f"status must be one of {choices}, got {value!r:.40}", field="status"
+        ) from None
+
+
+def check_worker_id(value: object) -> str:
+    if not isinstance(value, str) or not _WORKER.match(value):
+        raise InvalidInput(
+            f"worker_id must be 1-128 printable ASCII characters, got {value!r:.40}",
+            field="worker_id",
+        )
+    return value
+
+
+def check_error(error: TaskError) -> TaskError:
+    code = check_name(error.code, "error.code")
+    return TaskError(code[:64], str(error.message)[:10_000])
+
+
+def encode_json(value: Any, field: str) -> bytes:
+    """Canonical JSON (sorted keys, no NaN): the same value always gives the same bytes."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{field} is not JSON-serialisable: {e}", field=field) from None
+    return text.encode()
+
+
+def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
+    check_name(spec.model, "model")
+    check_name(spec.version, "version", _VERSION)
+    check_name(spec.tenant, "tenant", _TENANT)
+    lane = check_lane(spec.lane)
+    check_int(spec.priority, "priority", PRIORITY_MIN, PRIORITY_MAX)
+    max_attempts = limits.default_max_attempts if spec.max_attempts is None else spec.max_attempts
+    check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
+    key = spec.idempotency_key
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 256):
+        raise InvalidInput(
+            f"idempotency_key must be a string of 1-256 characters, got {key!r:.40}",
+            field="idempotency_key",
+        )
+    encoded = encode_json(spec.input, "input")
+    if len(encoded) > limits.max_input_bytes:
+        raise PayloadTooLarge(
+            f"input is {len(encoded)} bytes as JSON; the limit is {limits.max_input_bytes} "
+            "(GPUFLEET_MAX_INPUT_BYTES)",
+            field="input",
+            limit=limits.max_input_bytes,
+            size=len(encoded),
+        )
+    h = hashlib.sha256()
+    for part in (spec.model, spec.version, lane.value, str(spec.priority), str(max_attempts)):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(encoded)
+    return PreparedTask(spec, lane, max_attempts, encoded, h.hexdigest())

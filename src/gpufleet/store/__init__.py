@@ -1,0 +1,19 @@
+"""Persistence: SQLAlchemy Core tables, migrations, engines (SQLite WAL / PostgreSQL), blobs."""
+
+from gpufleet.store.blobs import BlobStore, LocalBlobStore
+from gpufleet.store.engine import create_engine, dialect_of, translate_db_errors
+from gpufleet.store.migrate import current_revision, head_revision, upgrade
+from gpufleet.store.schema import metadata, tasks
+
+__all__ = [
+    "BlobStore",
+    "LocalBlobStore",
+    "create_engine",
+    "current_revision",
+    "dialect_of",
+    "head_revision",
+    "metadata",
+    "tasks",
+    "translate_db_errors",
+    "upgrade",
+]

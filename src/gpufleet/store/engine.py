@@ -1,0 +1,134 @@
+"""Engine creation for SQLite (WAL, the embedded default) and PostgreSQL (psycopg 3).
+
+SQLite: pysqlite's own transaction handling is switched off so that gpufleet says ``BEGIN
+IMMEDIATE`` for writes; a deferred transaction that later writes can fail with SQLITE_BUSY at
+upgrade time whatever the busy timeout, while an immediate one waits its turn up front.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine
+
+from gpufleet.errors import InvalidInput, StorageFull, Unavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except exc.ArgumentError as e:
+        raise InvalidInput(f"database URL is not valid: {e}", field="database_url") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed, echo=echo)
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return sa.create_engine(
+            parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, echo=echo
+        )
+    raise InvalidInput(
+        f"unsupported database {backend!r}; use sqlite:///PATH or postgresql://...",
+        field="database_url",
+    )
+
+
+def _sqlite_engine(url: sa.URL, *, echo: bool) -> Engine:
+    if not url.database or url.database == ":memory:":
+        raise InvalidInput(
+            "SQLite needs a file (sqlite:///PATH): workers in other processes share it",
+            field="database_url",
+        )
+    Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url,
+        echo=echo,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a task the API accepted survives power loss, not only a process crash.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def dialect_of(engine: Engine) -> str:
+    return engine.dialect.name
+
+
+@contextmanager
+def write_tx(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: BEGIN IMMEDIATE on SQLite, READ COMMITTED on PostgreSQL."""
+    with translate_db_errors(), engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read_tx(engine: Engine) -> Iterator[Connection]:
+    with translate_db_errors(), engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def _is_disk_full(e: exc.DBAPIError) -> bool:
+    orig = e.orig
+    if getattr(orig, "sqlstate", None) == "53100":  # PostgreSQL disk_full
+        return True
+    if isinstance(orig, sqlite3.Error):
+        return getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "disk is full" in str(orig)
+        )
+    return False
+
+
+@contextmanager
+def translate_db_errors() -> Iterator[None]:
+    """Turn "disk full" and "database unreachable" into gpufleet errors; re-raise the rest."""
+    try:
+        yield
+    except exc.DBAPIError as e:
+        if _is_disk_full(e):
+            raise StorageFull(
+                "the task database is out of disk space; free space or grow the volume"
+            ) from e
+        if isinstance(e, exc.OperationalError | exc.InterfaceError) and (
+            e.connection_invalidated or _is_unreachable(e)
+        ):
+            raise Unavailable(f"the task database is unavailable: {_first_line(e.orig)}") from e
+        raise
+
+
+def _is_unreachable(e: exc.DBAPIError) -> bool:
+    text = str(e.orig).lower()
+    return any(
+        s in text
+        for s in ("connection refused", "could not connect", "database is locked", "timeout")
+    )
+
+
+def _first_line(obj: object) -> str:
+    return str(obj).strip().splitlines()[0] if str(obj).strip() else type(obj).__name__

@@ -1,0 +1,79 @@
+"""Shared fixtures: every queue test runs on SQLite and on a real PostgreSQL server.
+
+PostgreSQL comes from Debian's packages (``make test`` installs them) and runs for the whole
+session on a free loopback port; each test gets a fresh database cloned from a migrated
+template. Durability settings are relaxed for speed: these tests are about logic, not disks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from gpufleet.queue import TaskQueue
+from gpufleet.store import LocalBlobStore, create_engine, upgrade
+from gpufleet.testing import PostgresServer
+from tests.helpers import FakeClock
+
+TEMPLATE = "gpufleet_template"
+_db_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer(
+        settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+    )
+    server.start()
+    try:
+        template = create_engine(server.create_database(TEMPLATE))
+        upgrade(template)
+        template.dispose()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gpufleet.db'}"
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.create_database(f"test_{next(_db_names)}", template=TEMPLATE)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = create_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def blob_dir(tmp_path: Path) -> Path:
+    return tmp_path / "blobs"
+
+
+@pytest.fixture
+def queue(engine: Engine, blob_dir: Path, clock: FakeClock) -> Iterator[TaskQueue]:
+    q = TaskQueue(
+        engine,
+        LocalBlobStore(blob_dir),
+        lease_s=30,
+        retry_backoff_s=1,
+        retry_backoff_max_s=60,
+        batch_lane_every=4,
+        clock=clock,
+    )
+    yield q
+    q.close()

@@ -1,0 +1,96 @@
+"""Wake-ups: an idle claimer is woken by new work, in this process or another, not by polling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from gpufleet.queue import TaskError, TaskQueue, TaskSpec
+
+
+def _waiter(q: TaskQueue, model: str, timeout: float, out: list[tuple[bool, float]]) -> None:
+    q.wait_for_work(model, "1", 0)  # the first wait subscribes and returns at once
+    ready.set()
+    t0 = time.monotonic()
+    woken = q.wait_for_work(model, "1", timeout)
+    out.append((woken, time.monotonic() - t0))
+
+
+ready = threading.Event()
+
+
+def test_submit_wakes_a_waiting_claimer(queue: TaskQueue) -> None:
+    ready.clear()
+    out: list[tuple[bool, float]] = []
+    th = threading.Thread(target=_waiter, args=(queue, "m", 10.0, out))
+    th.start()
+    assert ready.wait(5)
+    time.sleep(0.2)
+    queue.submit(TaskSpec("m", "1", 1))
+    th.join(10)
+    [(woken, waited)] = out
+    assert woken
+    assert 0.15 < waited < 2.0  # woken by the submit, long before the 10 s timeout
+    assert queue.claim("m", "1", "w1")
+
+
+def test_other_models_work_does_not_wake(queue: TaskQueue) -> None:
+    ready.clear()
+    out: list[tuple[bool, float]] = []
+    th = threading.Thread(target=_waiter, args=(queue, "m", 0.8, out))
+    th.start()
+    assert ready.wait(5)
+    queue.submit(TaskSpec("other", "1", 1))
+    th.join(10)
+    [(woken, waited)] = out
+    assert not woken and waited >= 0.75
+
+
+def test_a_task_in_backoff_wakes_its_claimer_when_due(queue: TaskQueue) -> None:
+    queue.submit(TaskSpec("m", "1", 1))
+    [task] = queue.claim("m", "1", "w1")
+    queue.fail(task.id, "w1", TaskError("flaky", "try again"), retryable=True)  # due in 1 s
+    queue.wait_for_work("m", "1", 0)
+    t0 = time.monotonic()
+    assert queue.wait_for_work("m", "1", 10.0)
+    assert time.monotonic() - t0 < 3.0
+
+
+WAITER = textwrap.dedent(
+    """
+    import sys, time
+    from gpufleet.queue import TaskQueue
+    from gpufleet.store import LocalBlobStore, create_engine
+    q = TaskQueue(create_engine(sys.argv[1]), LocalBlobStore(sys.argv[2]))
+    q.wait_for_work("m", "1", 0)
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    woken = q.wait_for_work("m", "1", 20.0)
+    print(woken, time.monotonic() - t0, flush=True)
+    """
+)
+
+
+def test_submit_wakes_a_claimer_in_another_process(
+    queue: TaskQueue, db_url: str, blob_dir: Path
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITER, db_url, str(blob_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        queue.submit(TaskSpec("m", "1", 1))
+        woken, waited = proc.stdout.readline().split()
+        assert woken == "True"
+        assert float(waited) < 5.0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,114 @@
+"""Submitting, reading and listing tasks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from gpufleet.errors import NotFound
+from gpufleet.queue import Lane, Limits, TaskQueue, TaskSpec, TaskStatus
+from gpufleet.store import LocalBlobStore
+from tests.helpers import FakeClock, count_tasks
+
+
+def test_submit_records_a_queued_task(queue: TaskQueue, clock: FakeClock) -> None:
+    sub = queue.submit(
+        TaskSpec("sd", "1.0", {"prompt": "a cat"}, tenant="acme", lane="batch", priority=7)
+    )
+    assert sub.created
+    task = queue.get(sub.task.id)
+    assert task.status == TaskStatus.QUEUED
+    assert (task.tenant, task.model, task.model_version) == ("acme", "sd", "1.0")
+    assert (task.lane, task.priority) == (Lane.BATCH, 7)
+    assert task.input == {"prompt": "a cat"}
+    assert (task.attempts, task.max_attempts) == (0, 3)
+    assert task.created_at == clock.now
+    assert task.result is None and task.error is None and task.finished_at is None
+
+
+def test_ids_are_time_ordered(queue: TaskQueue) -> None:
+    ids = [queue.submit(TaskSpec("m", "1", i)).task.id for i in range(20)]
+    assert ids == sorted(ids)
+
+
+def test_get_hides_other_tenants_tasks(queue: TaskQueue) -> None:
+    task = queue.submit(TaskSpec("m", "1", 1, tenant="a")).task
+    assert queue.get(task.id, tenant="a").id == task.id
+    with pytest.raises(NotFound):
+        queue.get(task.id, tenant="b")
+
+
+def test_idempotent_resubmission_returns_the_same_task(queue: TaskQueue, engine: Engine) -> None:
+    first = queue.submit(TaskSpec("m", "1", {"x": 1}, idempotency_key="k1"))
+    again = queue.submit(TaskSpec("m", "1", {"x": 1}, idempotency_key="k1"))
+    assert first.created and not again.created
+    assert again.task.id == first.task.id
+    # The key is per tenant: another tenant's identical key is a new task.
+    other = queue.submit(TaskSpec("m", "1", {"x": 1}, idempotency_key="k1", tenant="t2"))
+    assert other.created and other.task.id != first.task.id
+    assert count_tasks(engine) == 2
+
+
+def test_concurrent_idempotent_submissions_make_one_task(queue: TaskQueue, engine: Engine) -> None:
+    ids: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def submit() -> None:
+        barrier.wait()
+        try:
+            ids.append(queue.submit(TaskSpec("m", "1", {"x": 1}, idempotency_key="race")).task.id)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(set(ids)) == 1
+    assert count_tasks(engine) == 1
+
+
+def test_submit_many_is_one_transaction(queue: TaskQueue, engine: Engine) -> None:
+    subs = queue.submit_many(
+        [TaskSpec("m", "1", i, idempotency_key=f"k{i}" if i % 2 else None) for i in range(10)]
+    )
+    assert [s.task.input for s in subs] == list(range(10))
+    assert count_tasks(engine) == 10
+
+
+def test_large_input_goes_to_the_blob_store(engine: Engine, blob_dir: Path) -> None:
+    q = TaskQueue(engine, LocalBlobStore(blob_dir), limits=Limits(inline_input_limit=1024))
+    try:
+        payload = {"prompt": "x" * 5000}
+        task = q.submit(TaskSpec("m", "1", payload)).task
+        assert task.input is None and task.input_ref is not None
+        assert q.load_input(q.get(task.id)) == payload
+        [claimed] = q.claim("m", "1", "w1")
+        assert claimed.input == payload
+    finally:
+        q.close()
+
+
+def test_list_filters_and_paginates_newest_first(queue: TaskQueue) -> None:
+    ids = [queue.submit(TaskSpec("m", "1", i, tenant="a")).task.id for i in range(7)]
+    queue.submit(TaskSpec("other", "1", 0, tenant="a"))
+    queue.submit(TaskSpec("m", "1", 0, tenant="b"))
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = queue.list_tasks(tenant="a", model="m", limit=3, cursor=cursor)
+        seen += [t.id for t in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == list(reversed(ids))
+    queue.cancel(ids[0])
+    cancelled = queue.list_tasks(tenant="a", status="cancelled")
+    assert [t.id for t in cancelled.items] == [ids[0]]
+    assert len(queue.list_tasks().items) == 9
