@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,7 +50,7 @@ from gpufleet.queue.validation import (
     prepare,
 )
 from gpufleet.store.blobs import BlobStore
-from gpufleet.store.engine import read_tx, write_tx
+from gpufleet.store.engine import autocommit, read_tx, relaxed_engine, write_tx
 from gpufleet.store.schema import tasks
 
 t = tasks.c
@@ -86,9 +87,20 @@ class TaskQueue:
         self.clock = clock
         self.notifier = notifier or notifier_for(engine)
         self._claims = itertools.count(1)
+        self._relaxed = relaxed_engine(engine)
 
     def close(self) -> None:
         self.notifier.close()
+        if self._relaxed is not None:
+            self._relaxed.dispose()
+
+    def _relaxed_tx(self) -> AbstractContextManager[Connection]:
+        """For claims and heartbeats: a claim lost in a database crash leaves its tasks queued,
+        as if the lease had expired, and a lost heartbeat only shortens a lease; so these
+        commits need not wait for the disk."""
+        if self._relaxed is not None:
+            return autocommit(self._relaxed)
+        return write_tx(self.engine, durable=False)
 
     # -- submitting and reading ------------------------------------------------------------
 
@@ -98,6 +110,7 @@ class TaskQueue:
     def submit_many(self, specs: Sequence[TaskSpec]) -> list[Submission]:
         """Submit several tasks in one transaction: all are accepted, or none is."""
         prepared = [prepare(s, self.limits) for s in specs]  # every check before any write
+        self._refuse_reused_keys(prepared)
         now = self.clock()
         # Large inputs go to the blob store first: a crash between the two leaves an orphan
         # blob, never a task whose input is missing.
@@ -116,6 +129,28 @@ class TaskQueue:
             self.notifier.in_transaction(conn, created)
         self.notifier.after_commit(created)
         return out
+
+    def _refuse_reused_keys(self, prepared: list[PreparedTask]) -> None:
+        """Refuse a reused idempotency key before large inputs reach the blob store. The
+        insert re-checks under the unique constraint; this only spares the store a blob that
+        nothing would reference."""
+        keyed = [
+            p
+            for p in prepared
+            if p.spec.idempotency_key is not None
+            and len(p.encoded_input) > self.limits.inline_input_limit
+        ]
+        if not keyed:
+            return
+        with read_tx(self.engine) as conn:
+            for p in keyed:
+                row = conn.execute(
+                    sa.select(t.id, t.request_hash).where(
+                        t.tenant == p.spec.tenant, t.idempotency_key == p.spec.idempotency_key
+                    )
+                ).first()
+                if row is not None and row.request_hash != p.request_hash:
+                    raise _key_conflict(p.spec.idempotency_key, row.id)
 
     def _row(self, p: PreparedTask, now: datetime) -> dict[str, Any]:
         inline = len(p.encoded_input) <= self.limits.inline_input_limit
@@ -166,12 +201,7 @@ class TaskQueue:
             .one()
         )
         if existing["request_hash"] != p.request_hash:
-            raise IdempotencyConflict(
-                f"idempotency key {row['idempotency_key']!r} was already used for a different "
-                f"request (task {existing['id']}); use a new key for a new request",
-                field="idempotency_key",
-                task_id=existing["id"],
-            )
+            raise _key_conflict(row["idempotency_key"], existing["id"])
         return Submission(Task.from_row(existing), created=False)
 
     def get(self, task_id: str, tenant: str | None = None) -> Task:
@@ -266,21 +296,22 @@ class TaskQueue:
         now = self.clock()
         until = now + timedelta(seconds=lease_s or self.lease_s)
         claimed: list[Task] = []
-        with write_tx(self.engine) as conn:
+        # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx).
+        with self._relaxed_tx() as conn:
             for lane in order:
                 want = max_n - len(claimed)
                 if want <= 0:
                     break
-                stmt = sql.claim(
-                    model=model,
-                    version=version,
-                    lane=lane,
-                    limit=want,
-                    worker_id=worker_id,
-                    now=now,
-                    lease_until=until,
-                )
-                batch = [Task.from_row(r) for r in conn.execute(stmt).mappings()]
+                params = {
+                    "p_model": model,
+                    "p_version": version,
+                    "p_lane": lane.value,
+                    "p_limit": want,
+                    "p_worker": worker_id,
+                    "p_now": now,
+                    "p_until": until,
+                }
+                batch = [Task.from_row(r) for r in conn.execute(sql.CLAIM, params).mappings()]
                 claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
         return [
             dataclasses.replace(x, input=self.load_input(x)) if x.input_ref else x for x in claimed
@@ -303,8 +334,10 @@ class TaskQueue:
         if not ids:
             return Heartbeat(frozenset(), frozenset(), frozenset())
         until = self.clock() + timedelta(seconds=lease_s or self.lease_s)
-        with write_tx(self.engine) as conn:
-            rows = conn.execute(sql.extend_leases(worker_id, ids, until)).all()
+        with self._relaxed_tx() as conn:
+            rows = conn.execute(
+                sql.EXTEND_LEASES, {"p_ids": ids, "p_worker": worker_id, "p_until": until}
+            ).all()
         held = frozenset(r[0] for r in rows)
         return Heartbeat(
             held=held,
@@ -325,6 +358,7 @@ class TaskQueue:
         The first completion of a task wins, even from a worker whose lease expired, since its
         result is as good as any; later ones are reported in ``rejected`` and change nothing.
         A task whose cancellation was requested ends ``cancelled`` and its result is dropped.
+        An unknown id raises ``NotFound`` and nothing of the batch is recorded.
         """
         check_worker_id(worker_id)
         encoded = {tid: encode_json(res, f"result of task {tid}") for tid, res in results}
@@ -341,39 +375,48 @@ class TaskQueue:
                     "b_ref": None if inline else self.blobs.put(encoded[tid]),
                 }
             )
+        if self.engine.dialect.name == "postgresql":
+            with autocommit(self.engine) as conn:  # one statement, one durable commit
+                return self._complete_batch_pg(conn, now, params)
         with write_tx(self.engine) as conn:
-            found = {r.id: r for r in conn.execute(sql.lock_for_finish(list(encoded)))}
-            missing = set(encoded) - set(found)
-            if missing:
-                raise NotFound(f"no such task: {sorted(missing)[0]}", task_ids=sorted(missing))
+            found = {r.id: r for r in conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": list(encoded)})}
+            _raise_missing(set(encoded) - set(found))
             rejected = {
                 tid: TaskStatus(r.status)
                 for tid, r in found.items()
                 if TaskStatus(r.status).is_finished
             }
-            done = [p for p in params if p["b_id"] not in rejected]
+            done = [p for p in params if p["b_id"] in found and p["b_id"] not in rejected]
             for p in done:
+                p["p_now"] = now
                 cancelled = found[p["b_id"]].cancel_requested
                 p["b_status"] = (TaskStatus.CANCELLED if cancelled else TaskStatus.SUCCEEDED).value
                 if cancelled:
                     p["b_result"] = p["b_ref"] = None
             if done:
-                conn.execute(
-                    sa.update(tasks)
-                    .where(t.id == sa.bindparam("b_id"))
-                    .values(
-                        status=sa.bindparam("b_status"),
-                        result=sa.bindparam("b_result"),
-                        result_ref=sa.bindparam("b_ref"),
-                        finished_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        error_code=None,
-                        error_message=None,
-                    ),
-                    done,
-                )
+                conn.execute(sql.FINISH_WITH_RESULT, done)
         return Completion(tuple(p["b_id"] for p in done), rejected)
+
+    @staticmethod
+    def _complete_batch_pg(
+        conn: Connection, now: datetime, params: list[dict[str, Any]]
+    ) -> Completion:
+        rows = [
+            {"id": p["b_id"], "result": p["b_result"], "result_ref": p["b_ref"]} for p in params
+        ]
+        done = conn.execute(
+            sql.PG_COMPLETE_BATCH, {"p_now": now, "p_rows": json.dumps(rows)}
+        ).scalars()
+        accepted = set(done)
+        rest = [p["b_id"] for p in params if p["b_id"] not in accepted]
+        rejected: dict[str, TaskStatus] = {}
+        if rest:  # rare: someone else finished them first, or they do not exist
+            rejected = {
+                r.id: TaskStatus(r.status)
+                for r in conn.execute(sql.FINISHED_STATUS, {"p_ids": rest})
+            }
+            _raise_missing(set(rest) - set(rejected))
+        return Completion(tuple(p["b_id"] for p in params if p["b_id"] in accepted), rejected)
 
     def fail(self, task_id: str, worker_id: str, error: TaskError, *, retryable: bool) -> Task:
         """Report a failed attempt. Retryable failures go back to the queue with exponential
@@ -444,7 +487,7 @@ class TaskQueue:
 
     def _lock_held(self, conn: Connection, task_id: str, worker_id: str) -> sa.RowMapping:
         check_worker_id(worker_id)
-        row = conn.execute(sql.lock_for_finish([task_id])).mappings().first()
+        row = conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": [task_id]}).mappings().first()
         if row is None:
             raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
         if TaskStatus(row["status"]).is_finished:
@@ -506,7 +549,8 @@ class TaskQueue:
         cancelled: list[str] = []
         models: set[str] = set()
         with write_tx(self.engine) as conn:
-            for row in conn.execute(sql.expired_leases(now, limit)).mappings().all():
+            expired = conn.execute(sql.EXPIRED_LEASES, {"p_now": now, "p_limit": limit})
+            for row in expired.mappings().all():
                 error = TaskError(
                     "lease_expired",
                     f"worker {row['lease_owner']} stopped heartbeating (attempt "
@@ -536,7 +580,10 @@ class TaskQueue:
         becoming due) or ``timeout`` seconds pass. Call it after a claim came back empty."""
         lane_list = [check_lane(lane) for lane in lanes]
         with read_tx(self.engine) as conn:
-            due = conn.execute(sql.next_due(model, version, lane_list)).scalar()
+            due = conn.execute(
+                sql.NEXT_DUE,
+                {"p_model": model, "p_version": version, "p_lanes": [x.value for x in lane_list]},
+            ).scalar()
         if due is not None:
             until_due = (due - self.clock()).total_seconds()
             if until_due <= 0:
@@ -548,7 +595,7 @@ class TaskQueue:
     def stats(self) -> QueueStats:
         now = self.clock()
         with read_tx(self.engine) as conn:
-            rows = conn.execute(sql.depth()).all()
+            rows = conn.execute(sql.DEPTH).all()
         return QueueStats(
             [
                 DepthRow(
@@ -573,6 +620,23 @@ class TaskQueue:
                 )
             )
         return int(result.rowcount or 0)
+
+
+def _raise_missing(missing: set[str]) -> None:
+    if missing:
+        ids = sorted(missing)
+        raise NotFound(
+            f"no such task: {ids[0]}; no result of this batch was recorded", task_ids=ids
+        )
+
+
+def _key_conflict(key: str | None, task_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for a different request (task {task_id}); "
+        "use a new key for a new request",
+        field="idempotency_key",
+        task_id=task_id,
+    )
 
 
 def _age(now: datetime, then: datetime | None) -> float | None:

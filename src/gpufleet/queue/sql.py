@@ -1,125 +1,144 @@
-"""The queue's hot statements, in one place for both dialects.
+"""The queue's hot statements, built once with bind parameters, for both dialects.
 
 SQLAlchemy renders them for SQLite and PostgreSQL; where the two differ it is noted. Each says
-which index in ``store/schema.py`` it relies on.
+which index in ``store/schema.py`` it relies on. Building a statement costs far more than
+running it (about 2 ms against 0.3 ms for a claim), so they are module constants.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
-
 import sqlalchemy as sa
 
-from gpufleet.queue.tasks import Lane, TaskStatus
+from gpufleet.queue.tasks import TaskStatus
 from gpufleet.store.schema import tasks
 from gpufleet.store.types import UtcDateTime
 
 t = tasks.c
+QUEUED, RUNNING = TaskStatus.QUEUED.value, TaskStatus.RUNNING.value
+# Bind parameters are named p_*: SQLAlchemy reserves column names in UPDATE statements.
+_now = sa.bindparam("p_now", type_=UtcDateTime())
+_until = sa.bindparam("p_until", type_=UtcDateTime())
+_ids: sa.BindParameter[list[str]] = sa.bindparam("p_ids", expanding=True)
 
+# Take up to :limit ready tasks of one lane: best priority first, then oldest.
+#
+# PostgreSQL: FOR UPDATE SKIP LOCKED lets concurrent claimers pass over each other's rows
+# instead of queueing behind them; the CTE is evaluated once, so the LIMIT holds. SQLite ignores
+# the locking clause: the caller's BEGIN IMMEDIATE already serialises claimers.
+# Uses ix_tasks_claim (model, model_version, lane, priority DESC, id) WHERE queued.
+_picked = (
+    sa.select(t.id)
+    .where(
+        t.status == QUEUED,
+        t.model == sa.bindparam("p_model"),
+        t.model_version == sa.bindparam("p_version"),
+        t.lane == sa.bindparam("p_lane"),
+        t.not_before <= _now,
+    )
+    .order_by(t.priority.desc(), t.id)
+    .limit(sa.bindparam("p_limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+    .cte("picked")
+)
+CLAIM = (
+    sa.update(tasks)
+    .where(t.id.in_(sa.select(_picked.c.id)))
+    .values(
+        status=RUNNING,
+        attempts=t.attempts + 1,
+        lease_owner=sa.bindparam("p_worker"),
+        lease_expires_at=_until,
+        started_at=sa.func.coalesce(t.started_at, _now),
+    )
+    .returning(*tasks.c)
+)
 
-def claim(
-    *,
-    model: str,
-    version: str,
-    lane: Lane,
-    limit: int,
-    worker_id: str,
-    now: datetime,
-    lease_until: datetime,
-) -> sa.Update:
-    """Take up to ``limit`` ready tasks of one lane: best priority first, then oldest.
+# Heartbeat: extend only the rows this worker still holds. Primary-key lookups.
+EXTEND_LEASES = (
+    sa.update(tasks)
+    .where(t.id.in_(_ids), t.lease_owner == sa.bindparam("p_worker"), t.status == RUNNING)
+    .values(lease_expires_at=_until)
+    .returning(t.id, t.cancel_requested)
+)
 
-    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets concurrent claimers pass over each other's rows
-    instead of queueing behind them; the CTE is evaluated once, so the LIMIT holds. SQLite
-    ignores the locking clause: the caller's ``BEGIN IMMEDIATE`` already serialises claimers.
-    Uses ``ix_tasks_claim`` (model, model_version, lane, priority DESC, id) WHERE queued.
+# Lock rows about to end, so two finishers of one task serialise and the second sees the first's
+# outcome (READ COMMITTED re-reads the row after the wait). Primary-key lookups.
+LOCK_FOR_FINISH = (
+    sa.select(t.id, t.status, t.lease_owner, t.cancel_requested)
+    .where(t.id.in_(_ids))
+    .with_for_update()
+)
+
+# Record results of a batch: executed once per row with executemany (one round trip on psycopg).
+FINISH_WITH_RESULT = (
+    sa.update(tasks)
+    .where(t.id == sa.bindparam("b_id"))
+    .values(
+        status=sa.bindparam("b_status"),
+        result=sa.bindparam("b_result"),
+        result_ref=sa.bindparam("b_ref"),
+        finished_at=_now,
+        lease_owner=None,
+        lease_expires_at=None,
+        error_code=None,
+        error_message=None,
+    )
+)
+
+# Running tasks whose lease ran out. Uses ix_tasks_lease WHERE running.
+EXPIRED_LEASES = (
+    sa.select(t.id, t.model, t.lease_owner, t.attempts, t.max_attempts, t.cancel_requested)
+    .where(t.status == RUNNING, t.lease_expires_at < _now)
+    .order_by(t.lease_expires_at)
+    .limit(sa.bindparam("p_limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
+
+# When the earliest queued task (e.g. one in retry backoff) becomes claimable.
+NEXT_DUE = sa.select(sa.func.min(t.not_before, type_=UtcDateTime())).where(
+    t.status == QUEUED,
+    t.model == sa.bindparam("p_model"),
+    t.model_version == sa.bindparam("p_version"),
+    t.lane.in_(sa.bindparam("p_lanes", expanding=True)),
+)
+
+# Live tasks per model / lane / status. The partial indexes ix_tasks_claim (queued) and
+# ix_tasks_lease (running) cover exactly these rows, so history is not scanned.
+DEPTH = (
+    sa.select(
+        t.model, t.lane, t.status, sa.func.count(), sa.func.min(t.created_at, type_=UtcDateTime())
+    )
+    .where(t.status.in_([QUEUED, RUNNING]))
+    .group_by(t.model, t.lane, t.status)
+    .order_by(t.model, t.lane, t.status)
+)
+
+# PostgreSQL: a whole batch of results in one statement and one round trip. The row lock the
+# UPDATE takes serialises racing finishers; under READ COMMITTED the second re-checks the status
+# condition against the first's committed row and skips it, so the first completion wins.
+# A task whose cancellation was requested ends cancelled and its result is dropped. If any id
+# does not exist the NOT EXISTS guard makes the statement write nothing (bad input is refused
+# whole); the caller then finds out which.
+PG_COMPLETE_BATCH = sa.text(
     """
-    picked = (
-        sa.select(t.id)
-        .where(
-            t.status == TaskStatus.QUEUED.value,
-            t.model == model,
-            t.model_version == version,
-            t.lane == lane.value,
-            t.not_before <= now,
-        )
-        .order_by(t.priority.desc(), t.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("picked")
+    WITH v AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:p_rows AS jsonb))
+            AS x(id text, result jsonb, result_ref text)
     )
-    return (
-        sa.update(tasks)
-        .where(t.id.in_(sa.select(picked.c.id)))
-        .values(
-            status=TaskStatus.RUNNING.value,
-            attempts=t.attempts + 1,
-            lease_owner=worker_id,
-            lease_expires_at=lease_until,
-            started_at=sa.func.coalesce(t.started_at, now),
-        )
-        .returning(*tasks.c)
-    )
+    UPDATE tasks SET
+        status = CASE WHEN tasks.cancel_requested THEN 'cancelled' ELSE 'succeeded' END,
+        result = CASE WHEN tasks.cancel_requested THEN NULL ELSE v.result END,
+        result_ref = CASE WHEN tasks.cancel_requested THEN NULL ELSE v.result_ref END,
+        finished_at = :p_now,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        error_code = NULL,
+        error_message = NULL
+    FROM v
+    WHERE tasks.id = v.id AND tasks.status IN ('queued', 'running')
+      AND NOT EXISTS (SELECT 1 FROM v LEFT JOIN tasks t2 ON t2.id = v.id WHERE t2.id IS NULL)
+    RETURNING tasks.id
+    """
+).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
 
-
-def extend_leases(worker_id: str, task_ids: Sequence[str], lease_until: datetime) -> sa.Update:
-    """Heartbeat: only rows this worker still holds. Primary-key lookups."""
-    return (
-        sa.update(tasks)
-        .where(
-            t.id.in_(task_ids),
-            t.lease_owner == worker_id,
-            t.status == TaskStatus.RUNNING.value,
-        )
-        .values(lease_expires_at=lease_until)
-        .returning(t.id, t.cancel_requested)
-    )
-
-
-def lock_for_finish(task_ids: Sequence[str]) -> sa.Select[Any]:
-    """Lock rows about to end, so two finishers of one task serialise and the second sees the
-    first's outcome (READ COMMITTED re-reads the row after the wait). Primary-key lookups."""
-    return (
-        sa.select(t.id, t.status, t.lease_owner, t.cancel_requested)
-        .where(t.id.in_(task_ids))
-        .with_for_update()
-    )
-
-
-def expired_leases(now: datetime, limit: int) -> sa.Select[Any]:
-    """Running tasks whose lease ran out. Uses ``ix_tasks_lease`` WHERE running."""
-    return (
-        sa.select(t.id, t.model, t.lease_owner, t.attempts, t.max_attempts, t.cancel_requested)
-        .where(t.status == TaskStatus.RUNNING.value, t.lease_expires_at < now)
-        .order_by(t.lease_expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-
-
-def next_due(model: str, version: str, lanes: Sequence[Lane]) -> sa.Select[Any]:
-    """When the earliest queued task (e.g. one in retry backoff) becomes claimable."""
-    return sa.select(sa.func.min(t.not_before, type_=UtcDateTime())).where(
-        t.status == TaskStatus.QUEUED.value,
-        t.model == model,
-        t.model_version == version,
-        t.lane.in_([lane.value for lane in lanes]),
-    )
-
-
-def depth() -> sa.Select[Any]:
-    """Live tasks per model / lane / status. Uses ``ix_tasks_live``; history is not scanned."""
-    return (
-        sa.select(
-            t.model,
-            t.lane,
-            t.status,
-            sa.func.count(),
-            sa.func.min(t.created_at, type_=UtcDateTime()),
-        )
-        .where(t.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]))
-        .group_by(t.model, t.lane, t.status)
-        .order_by(t.model, t.lane, t.status)
-    )
+FINISHED_STATUS = sa.select(t.id, t.status).where(t.id.in_(_ids))

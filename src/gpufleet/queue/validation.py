@@ -105,7 +105,12 @@ def encode_json(value: Any, field: str) -> bytes:
     """Canonical JSON (sorted keys, no NaN): the same value always gives the same bytes."""
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except ValueError:
+        raise InvalidInput(
+            f"{field} contains nan or inf, which JSON cannot represent; send null or a string",
+            field=field,
+        ) from None
+    except (TypeError, RecursionError) as e:
         raise InvalidInput(f"{field} is not JSON-serialisable: {e}", field=field) from None
     return text.encode()
 

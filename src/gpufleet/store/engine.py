@@ -34,9 +34,9 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return sa.create_engine(
-            parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, echo=echo
-        )
+        # No pre-ping: it costs a round trip per transaction. A connection broken by a server
+        # restart fails once (Unavailable) and the pool then replaces all of them.
+        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, echo=echo)
     raise InvalidInput(
         f"unsupported database {backend!r}; use sqlite:///PATH or postgresql://...",
         field="database_url",
@@ -80,12 +80,52 @@ def dialect_of(engine: Engine) -> str:
 
 
 @contextmanager
-def write_tx(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: BEGIN IMMEDIATE on SQLite, READ COMMITTED on PostgreSQL."""
+def write_tx(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
+    """One write transaction: BEGIN IMMEDIATE on SQLite, READ COMMITTED on PostgreSQL.
+
+    ``durable=False`` commits without waiting for the disk flush (PostgreSQL
+    ``synchronous_commit = off``, SQLite ``synchronous = NORMAL``): still atomic and crash-safe
+    for the database, but the last moments of such commits may be lost if the host or the
+    database crashes. Only for writes whose loss is harmless (claims, heartbeats).
+    """
     with translate_db_errors(), engine.connect() as conn:
-        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-        with conn.begin():
-            yield conn
+        sqlite = conn.dialect.name == "sqlite"
+        # Straight to the driver: through SQLAlchemy the PRAGMA would begin a transaction.
+        raw = conn.connection.dbapi_connection if sqlite and not durable else None
+        if raw is not None:
+            raw.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                if not durable and not sqlite:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                yield conn
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA synchronous=FULL")
+
+
+def relaxed_engine(engine: Engine) -> Engine | None:
+    """PostgreSQL: a small second pool for writes that are one statement and whose loss in a
+    crash is harmless (claims, heartbeats). Each statement is its own transaction (autocommit:
+    one round trip instead of BEGIN, SET, statement, COMMIT) and commits without waiting for
+    the WAL flush. None on SQLite, where ``write_tx(durable=False)`` does the same job."""
+    if engine.dialect.name != "postgresql":
+        return None
+    return sa.create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c synchronous_commit=off"},
+        pool_size=2,
+        max_overflow=8,
+    )
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A connection whose every statement commits on its own: for single-statement writes."""
+    with translate_db_errors(), engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextmanager

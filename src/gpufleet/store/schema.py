@@ -78,12 +78,3 @@ sa.Index(
 )
 # list: a tenant's tasks, newest first (id is time-ordered).
 sa.Index("ix_tasks_tenant_id", tasks.c.tenant, tasks.c.id)
-# stats: depth per model / lane of the live part of the queue.
-sa.Index(
-    "ix_tasks_live",
-    tasks.c.status,
-    tasks.c.model,
-    tasks.c.lane,
-    postgresql_where=tasks.c.status.in_(["queued", "running"]),
-    sqlite_where=tasks.c.status.in_(["queued", "running"]),
-)

@@ -68,14 +68,6 @@ def upgrade() -> None:
         sqlite_where=running,
     )
     op.create_index("ix_tasks_tenant_id", "tasks", ["tenant", "id"])
-    live = sa.text("status IN ('queued', 'running')")
-    op.create_index(
-        "ix_tasks_live",
-        "tasks",
-        ["status", "model", "lane"],
-        postgresql_where=live,
-        sqlite_where=live,
-    )
 
 
 def downgrade() -> None:
