@@ -9,6 +9,7 @@ from gpufleet.errors import (
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
+    StorageFull,
     TaskFinished,
     Unavailable,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "QuotaExceeded",
+    "StorageFull",
     "TaskFinished",
     "Unavailable",
     "__version__",
