@@ -1,11 +1,13 @@
-"""``gpufleet db``: schema migrations of the task database."""
+"""``gpufleet db``: schema migrations of the task database.
+
+Heavy imports (SQLAlchemy, Alembic) happen inside the commands so ``gpufleet --help`` is quick.
+"""
 
 from __future__ import annotations
 
 import typer
 
 from gpufleet.cli.context import console, print_json, reported_errors, state
-from gpufleet.store import create_engine, current_revision, head_revision, upgrade
 
 app = typer.Typer(help="Task database: migrations and status.", no_args_is_help=True)
 
@@ -16,6 +18,8 @@ def upgrade_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Apply pending migrations (serve does this on start too)."""
+    from gpufleet.store import create_engine, current_revision, head_revision, upgrade
+
     settings = state(ctx).settings
     with reported_errors():
         engine = create_engine(settings.resolved_database_url())
@@ -35,6 +39,8 @@ def status_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Show the schema revision and whether migrations are pending. Exit 1 if behind."""
+    from gpufleet.store import create_engine, current_revision, head_revision
+
     settings = state(ctx).settings
     with reported_errors():
         engine = create_engine(settings.resolved_database_url())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 from rich.table import Table
 
 from gpufleet.cli.context import console, print_json, reported_errors, state
-from gpufleet.queue import TaskQueue
-from gpufleet.store import LocalBlobStore, create_engine, upgrade
+
+if TYPE_CHECKING:
+    from gpufleet.queue import TaskQueue
 
 app = typer.Typer(help="The task queue: depth and lease recovery.", no_args_is_help=True)
 
 
 def open_queue(ctx: typer.Context) -> TaskQueue:
+    from gpufleet.queue import TaskQueue
+    from gpufleet.store import LocalBlobStore, create_engine, upgrade
+
     s = state(ctx).settings
     engine = create_engine(s.resolved_database_url())
     upgrade(engine)
