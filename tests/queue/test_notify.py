@@ -94,3 +94,11 @@ def test_submit_wakes_a_claimer_in_another_process(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_idle_wait_does_not_spin(queue: TaskQueue) -> None:
+    queue.wait_for_work("m", "1", 0)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    assert not queue.wait_for_work("m", "1", 1.5)
+    assert time.monotonic() - t0 >= 1.45
+    assert time.process_time() - cpu0 < 0.1  # blocked in select/poll, not polling the database
