@@ -1,0 +1,270 @@
+"""The worker's side of the queue: claim, heartbeat, complete, fail, acknowledge a cancel,
+release. Claims and heartbeats commit without waiting for the disk (see ``_relaxed_tx``);
+results, failures and cancellations are durable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gpufleet.errors import InvalidInput, LeaseLost, NotFound, TaskFinished
+from gpufleet.queue import sql
+from gpufleet.queue.core import QueueCore
+from gpufleet.queue.tasks import Completion, Heartbeat, Lane, Task, TaskError, TaskStatus
+from gpufleet.queue.validation import (
+    check_error,
+    check_int,
+    check_lane,
+    check_name,
+    check_worker_id,
+    encode_json,
+)
+from gpufleet.store.engine import autocommit, write_tx
+from gpufleet.store.schema import tasks
+
+t = tasks.c
+MAX_CLAIM = 1000
+
+
+class WorkerOps(QueueCore):
+    def claim(
+        self,
+        model: str,
+        version: str,
+        worker_id: str,
+        *,
+        lanes: Iterable[str] = (Lane.INTERACTIVE, Lane.BATCH),
+        max_n: int = 1,
+        lease_s: float | None = None,
+    ) -> list[Task]:
+        """Atomically take up to ``max_n`` queued tasks and lease them to ``worker_id``.
+
+        The interactive lane goes first, except that one claim in ``batch_lane_every`` puts
+        the batch lane first, so a busy interactive lane cannot starve batch work. Inputs held
+        in the blob store are loaded into ``Task.input``.
+        """
+        check_name(model, "model")
+        check_worker_id(worker_id)
+        check_int(max_n, "max_n", 1, MAX_CLAIM)
+        order = self._lane_order([check_lane(lane) for lane in lanes])
+        now = self.clock()
+        until = now + timedelta(seconds=lease_s or self.lease_s)
+        claimed: list[Task] = []
+        # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx).
+        with self._relaxed_tx() as conn:
+            for lane in order:
+                want = max_n - len(claimed)
+                if want <= 0:
+                    break
+                params = {
+                    "p_model": model,
+                    "p_version": version,
+                    "p_lane": lane.value,
+                    "p_limit": want,
+                    "p_worker": worker_id,
+                    "p_now": now,
+                    "p_until": until,
+                }
+                batch = [Task.from_row(r) for r in conn.execute(sql.CLAIM, params).mappings()]
+                claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
+        return [
+            dataclasses.replace(x, input=self.load_input(x)) if x.input_ref else x for x in claimed
+        ]
+
+    def _lane_order(self, lanes: list[Lane]) -> list[Lane]:
+        if not lanes:
+            raise InvalidInput("lanes must name at least one lane", field="lanes")
+        order = sorted(set(lanes), key=[Lane.INTERACTIVE, Lane.BATCH].index)
+        if len(order) == 2 and next(self._claims) % self.batch_lane_every == 0:
+            order.reverse()
+        return order
+
+    def heartbeat(
+        self, worker_id: str, task_ids: Sequence[str], lease_s: float | None = None
+    ) -> Heartbeat:
+        """Extend the leases this worker still holds; report lost ones and cancel requests."""
+        check_worker_id(worker_id)
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return Heartbeat(frozenset(), frozenset(), frozenset())
+        until = self.clock() + timedelta(seconds=lease_s or self.lease_s)
+        with self._relaxed_tx() as conn:
+            rows = conn.execute(
+                sql.EXTEND_LEASES, {"p_ids": ids, "p_worker": worker_id, "p_until": until}
+            ).all()
+        held = frozenset(r[0] for r in rows)
+        return Heartbeat(
+            held=held,
+            lost=frozenset(ids) - held,
+            cancel_requested=frozenset(r[0] for r in rows if r[1]),
+        )
+
+    def complete(self, task_id: str, worker_id: str, result: Any) -> None:
+        """Record a task's result. Raises ``TaskFinished`` if another completion came first."""
+        report = self.complete_many(worker_id, [(task_id, result)])
+        if task_id in report.rejected:
+            status = report.rejected[task_id]
+            raise TaskFinished(f"task {task_id} already {status}", status=status)
+
+    def complete_many(self, worker_id: str, results: Sequence[tuple[str, Any]]) -> Completion:
+        """Record results of a batch in one transaction.
+
+        The first completion of a task wins, even from a worker whose lease expired, since its
+        result is as good as any; later ones are reported in ``rejected`` and change nothing.
+        A task whose cancellation was requested ends ``cancelled`` and its result is dropped.
+        An unknown id raises ``NotFound`` and nothing of the batch is recorded.
+        """
+        check_worker_id(worker_id)
+        encoded = {tid: encode_json(res, f"result of task {tid}") for tid, res in results}
+        if len(encoded) != len(results):
+            raise InvalidInput("a task appears twice in one completion", field="results")
+        now = self.clock()
+        params: list[dict[str, Any]] = []
+        for tid, res in results:
+            inline = len(encoded[tid]) <= self.limits.inline_input_limit
+            params.append(
+                {
+                    "b_id": tid,
+                    "b_result": res if inline else None,
+                    "b_ref": None if inline else self.blobs.put(encoded[tid]),
+                }
+            )
+        if self.engine.dialect.name == "postgresql":
+            with autocommit(self.engine) as conn:  # one statement, one durable commit
+                return self._complete_batch_pg(conn, now, params)
+        with write_tx(self.engine) as conn:
+            found = {r.id: r for r in conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": list(encoded)})}
+            _raise_missing(set(encoded) - set(found))
+            rejected = {
+                tid: TaskStatus(r.status)
+                for tid, r in found.items()
+                if TaskStatus(r.status).is_finished
+            }
+            done = [p for p in params if p["b_id"] in found and p["b_id"] not in rejected]
+            for p in done:
+                p["p_now"] = now
+                cancelled = found[p["b_id"]].cancel_requested
+                p["b_status"] = (TaskStatus.CANCELLED if cancelled else TaskStatus.SUCCEEDED).value
+                if cancelled:
+                    p["b_result"] = p["b_ref"] = None
+            if done:
+                conn.execute(sql.FINISH_WITH_RESULT, done)
+        return Completion(tuple(p["b_id"] for p in done), rejected)
+
+    @staticmethod
+    def _complete_batch_pg(
+        conn: Connection, now: datetime, params: list[dict[str, Any]]
+    ) -> Completion:
+        rows = [
+            {"id": p["b_id"], "result": p["b_result"], "result_ref": p["b_ref"]} for p in params
+        ]
+        done = conn.execute(
+            sql.PG_COMPLETE_BATCH, {"p_now": now, "p_rows": json.dumps(rows)}
+        ).scalars()
+        accepted = set(done)
+        rest = [p["b_id"] for p in params if p["b_id"] not in accepted]
+        rejected: dict[str, TaskStatus] = {}
+        if rest:  # rare: someone else finished them first, or they do not exist
+            rejected = {
+                r.id: TaskStatus(r.status)
+                for r in conn.execute(sql.FINISHED_STATUS, {"p_ids": rest})
+            }
+            _raise_missing(set(rest) - set(rejected))
+        return Completion(tuple(p["b_id"] for p in params if p["b_id"] in accepted), rejected)
+
+    def fail(self, task_id: str, worker_id: str, error: TaskError, *, retryable: bool) -> Task:
+        """Report a failed attempt. Retryable failures go back to the queue with exponential
+        backoff while attempts remain; otherwise the task ends ``failed`` with ``error``.
+        Raises ``LeaseLost`` when the task is no longer this worker's (nothing changes)."""
+        error = check_error(error)
+        now = self.clock()
+        with write_tx(self.engine) as conn:
+            row = self._lock_held(conn, task_id, worker_id)
+            if row["cancel_requested"]:
+                values = self._cancelled(now)
+            elif retryable and row["attempts"] < row["max_attempts"]:
+                values = self._requeued(now, row["attempts"], error)
+            else:
+                values = self._failed(now, error)
+            updated = conn.execute(
+                sa.update(tasks).where(t.id == task_id).values(values).returning(*tasks.c)
+            )
+            task = Task.from_row(updated.mappings().one())
+            requeued = [task.model] if task.status == TaskStatus.QUEUED else []
+            self.notifier.in_transaction(conn, requeued)
+        self.notifier.after_commit(requeued)
+        return task
+
+    def acknowledge_cancel(self, task_id: str, worker_id: str) -> Task:
+        """The worker stopped a task whose cancellation was requested: it ends ``cancelled``."""
+        now = self.clock()
+        with write_tx(self.engine) as conn:
+            self._lock_held(conn, task_id, worker_id)
+            updated = conn.execute(
+                sa.update(tasks)
+                .where(t.id == task_id)
+                .values(self._cancelled(now))
+                .returning(*tasks.c)
+            )
+            return Task.from_row(updated.mappings().one())
+
+    def release(self, worker_id: str, task_ids: Sequence[str]) -> list[str]:
+        """Hand held tasks back unstarted (a draining worker): queued again, attempt not
+        counted. Returns the ids released; tasks no longer held are skipped."""
+        check_worker_id(worker_id)
+        now = self.clock()
+        with write_tx(self.engine) as conn:
+            rows = conn.execute(
+                sa.update(tasks)
+                .where(
+                    t.id.in_(list(task_ids)),
+                    t.lease_owner == worker_id,
+                    t.status == TaskStatus.RUNNING.value,
+                )
+                .values(
+                    status=sa.case(
+                        (t.cancel_requested, TaskStatus.CANCELLED.value),
+                        else_=TaskStatus.QUEUED.value,
+                    ),
+                    finished_at=sa.case((t.cancel_requested, now), else_=None),
+                    attempts=t.attempts - 1,
+                    not_before=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(t.id, t.model)
+            ).all()
+            models = {r.model for r in rows}
+            self.notifier.in_transaction(conn, models)
+        self.notifier.after_commit(models)
+        return [r.id for r in rows]
+
+    def _lock_held(self, conn: Connection, task_id: str, worker_id: str) -> sa.RowMapping:
+        check_worker_id(worker_id)
+        row = conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": [task_id]}).mappings().first()
+        if row is None:
+            raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
+        if TaskStatus(row["status"]).is_finished:
+            raise TaskFinished(f"task {task_id} already {row['status']}", status=row["status"])
+        if row["status"] != TaskStatus.RUNNING or row["lease_owner"] != worker_id:
+            raise LeaseLost(
+                f"worker {worker_id} no longer holds task {task_id}: its lease expired and the "
+                "task was handed on",
+                task_id=task_id,
+            )
+        full = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
+        return full
+
+
+def _raise_missing(missing: set[str]) -> None:
+    if missing:
+        ids = sorted(missing)
+        raise NotFound(
+            f"no such task: {ids[0]}; no result of this batch was recorded", task_ids=ids
+        )

@@ -1,0 +1,192 @@
+"""Submitting, reading, listing and cancelling tasks: the client's side of the queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from gpufleet.errors import IdempotencyConflict, NotFound, TaskFinished
+from gpufleet.queue.core import QueueCore
+from gpufleet.queue.ids import new_task_id
+from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
+from gpufleet.queue.validation import PreparedTask, check_int, check_name, check_status, prepare
+from gpufleet.store.engine import read_tx, write_tx
+from gpufleet.store.schema import tasks
+
+t = tasks.c
+MAX_PAGE = 1000
+
+
+class SubmissionOps(QueueCore):
+    def submit(self, spec: TaskSpec) -> Submission:
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Sequence[TaskSpec]) -> list[Submission]:
+        """Submit several tasks in one transaction: all are accepted, or none is."""
+        prepared = [prepare(s, self.limits) for s in specs]  # every check before any write
+        self._refuse_reused_keys(prepared)
+        now = self.clock()
+        # Large inputs go to the blob store first: a crash between the two leaves an orphan
+        # blob, never a task whose input is missing.
+        rows = [self._row(p, now) for p in prepared]
+        out: list[Submission] = []
+        with write_tx(self.engine) as conn:
+            keyless = [r for r in rows if r["idempotency_key"] is None]
+            if keyless:
+                conn.execute(tasks.insert(), keyless)
+            for row, p in zip(rows, prepared, strict=True):
+                if row["idempotency_key"] is None:
+                    out.append(Submission(self._task_from_insert(row), created=True))
+                else:
+                    out.append(self._insert_keyed(conn, row, p))
+            created = {s.task.model for s in out if s.created}
+            self.notifier.in_transaction(conn, created)
+        self.notifier.after_commit(created)
+        return out
+
+    def _refuse_reused_keys(self, prepared: list[PreparedTask]) -> None:
+        """Refuse a reused idempotency key before large inputs reach the blob store. The
+        insert re-checks under the unique constraint; this only spares the store a blob that
+        nothing would reference."""
+        keyed = [
+            p
+            for p in prepared
+            if p.spec.idempotency_key is not None
+            and len(p.encoded_input) > self.limits.inline_input_limit
+        ]
+        if not keyed:
+            return
+        with read_tx(self.engine) as conn:
+            for p in keyed:
+                row = conn.execute(
+                    sa.select(t.id, t.request_hash).where(
+                        t.tenant == p.spec.tenant, t.idempotency_key == p.spec.idempotency_key
+                    )
+                ).first()
+                if row is not None and row.request_hash != p.request_hash:
+                    raise _key_conflict(p.spec.idempotency_key, row.id)
+
+    def _row(self, p: PreparedTask, now: datetime) -> dict[str, Any]:
+        inline = len(p.encoded_input) <= self.limits.inline_input_limit
+        return {
+            "id": new_task_id(),
+            "tenant": p.spec.tenant,
+            "model": p.spec.model,
+            "model_version": p.spec.version,
+            "lane": p.lane.value,
+            "priority": p.spec.priority,
+            "input": p.spec.input if inline else None,
+            "input_ref": None if inline else self.blobs.put(p.encoded_input),
+            "status": TaskStatus.QUEUED.value,
+            "attempts": 0,
+            "max_attempts": p.max_attempts,
+            "not_before": now,
+            "cancel_requested": False,
+            "idempotency_key": p.spec.idempotency_key,
+            "request_hash": p.request_hash if p.spec.idempotency_key is not None else None,
+            "created_at": now,
+        }
+
+    @staticmethod
+    def _task_from_insert(row: dict[str, Any]) -> Task:
+        full = {c.name: row.get(c.name) for c in tasks.c}
+        return Task.from_row(full)  # type: ignore[arg-type]
+
+    def _insert_keyed(self, conn: Connection, row: dict[str, Any], p: PreparedTask) -> Submission:
+        # ON CONFLICT DO NOTHING: two racing submitters with one key both end up with the row
+        # that committed first (PostgreSQL waits for it), never with an integrity error.
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        stmt = (
+            insert(tasks)
+            .values(row)
+            .on_conflict_do_nothing(index_elements=["tenant", "idempotency_key"])
+            .returning(*tasks.c)
+        )
+        inserted = conn.execute(stmt).mappings().first()
+        if inserted is not None:
+            return Submission(Task.from_row(inserted), created=True)
+        existing = (
+            conn.execute(
+                sa.select(tasks).where(
+                    t.tenant == row["tenant"], t.idempotency_key == row["idempotency_key"]
+                )
+            )
+            .mappings()
+            .one()
+        )
+        if existing["request_hash"] != p.request_hash:
+            raise _key_conflict(row["idempotency_key"], existing["id"])
+        return Submission(Task.from_row(existing), created=False)
+
+    def get(self, task_id: str, tenant: str | None = None) -> Task:
+        """The task; ``NotFound`` when it does not exist or belongs to another tenant."""
+        query = sa.select(tasks).where(t.id == str(task_id)[:64])
+        if tenant is not None:
+            query = query.where(t.tenant == tenant)
+        with read_tx(self.engine) as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
+        return Task.from_row(row)
+
+    def list_tasks(
+        self,
+        *,
+        tenant: str | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Tasks newest first; pass the page's ``next_cursor`` back to get the next page."""
+        check_int(limit, "limit", 1, MAX_PAGE)
+        query = sa.select(tasks).order_by(t.id.desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(t.tenant == tenant)
+        if status is not None:
+            query = query.where(t.status == check_status(status).value)
+        if model is not None:
+            query = query.where(t.model == check_name(model, "model"))
+        if cursor is not None:
+            query = query.where(t.id < str(cursor)[:64])
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(query).mappings().all()
+        items = [Task.from_row(r) for r in rows[:limit]]
+        return TaskPage(items, items[-1].id if len(rows) > limit else None)
+
+    def cancel(self, task_id: str, tenant: str | None = None) -> Task:
+        """Cancel: a queued task ends at once; a running one is flagged for its worker to stop.
+
+        Cancelling a cancelled task is a no-op; a succeeded or failed one raises TaskFinished.
+        """
+        now = self.clock()
+        with write_tx(self.engine) as conn:
+            query = sa.select(t.status).where(t.id == str(task_id)[:64])
+            if tenant is not None:
+                query = query.where(t.tenant == tenant)
+            status = conn.execute(query.with_for_update()).scalar()
+            if status is None:
+                raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
+            if status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED):
+                raise TaskFinished(f"task {task_id} already {status}", status=status)
+            values: dict[str, Any] = {"cancel_requested": True}
+            if status == TaskStatus.QUEUED:
+                values |= {"status": TaskStatus.CANCELLED.value, "finished_at": now}
+            if status != TaskStatus.CANCELLED:
+                conn.execute(sa.update(tasks).where(t.id == task_id).values(values))
+            row = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
+        return Task.from_row(row)
+
+
+def _key_conflict(key: str | None, task_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for a different request (task {task_id}); "
+        "use a new key for a new request",
+        field="idempotency_key",
+        task_id=task_id,
+    )
