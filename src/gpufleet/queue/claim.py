@@ -71,7 +71,13 @@ class WorkerOps(QueueCore):
                     "p_now": now,
                     "p_until": until,
                 }
-                batch = [Task.from_row(r) for r in conn.execute(sql.CLAIM, params).mappings()]
+                rows = conn.execute(sql.CLAIM, params).mappings().all()
+                batch = [
+                    Task.from_claim(
+                        r, model=model, version=version, worker_id=worker_id, lease_until=until
+                    )
+                    for r in rows
+                ]
                 claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
         return [
             dataclasses.replace(x, input=self.load_input(x)) if x.input_ref else x for x in claimed

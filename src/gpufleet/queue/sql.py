@@ -50,7 +50,21 @@ CLAIM = (
         lease_expires_at=_until,
         started_at=sa.func.coalesce(t.started_at, _now),
     )
-    .returning(*tasks.c)
+    # Only what a worker needs (Task.from_claim fills in what the claim itself decided):
+    # returning all 24 columns cost the claimer a third more CPU per task.
+    .returning(
+        t.id,
+        t.tenant,
+        t.lane,
+        t.priority,
+        t.input,
+        t.input_ref,
+        t.attempts,
+        t.max_attempts,
+        t.created_at,
+        t.not_before,
+        t.started_at,
+    )
 )
 
 # Heartbeat: extend only the rows this worker still holds. Primary-key lookups.

@@ -117,6 +117,30 @@ class Task:
             finished_at=row["finished_at"],
         )
 
+    @classmethod
+    def from_claim(
+        cls, row: RowMapping, *, model: str, version: str, worker_id: str, lease_until: datetime
+    ) -> Task:
+        """A task as ``sql.CLAIM`` returns it: the columns it does not return are known."""
+        return cls(
+            id=row["id"],
+            tenant=row["tenant"],
+            model=model,
+            model_version=version,
+            lane=Lane(row["lane"]),
+            priority=row["priority"],
+            status=TaskStatus.RUNNING,
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            created_at=row["created_at"],
+            not_before=row["not_before"],
+            input=row["input"],
+            input_ref=row["input_ref"],
+            lease_owner=worker_id,
+            lease_expires_at=lease_until,
+            started_at=row["started_at"],
+        )
+
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
