@@ -5,6 +5,7 @@ results, failures and cancellations are durable."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -13,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gpufleet.errors import InvalidInput, LeaseLost, NotFound, TaskFinished
+from gpufleet.errors import Conflict, InvalidInput, LeaseLost, NotFound, TaskFinished
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore
 from gpufleet.queue.tasks import Completion, Heartbeat, Lane, Task, TaskError, TaskStatus
@@ -21,7 +22,10 @@ from gpufleet.queue.validation import (
     check_error,
     check_int,
     check_lane,
+    check_lease,
     check_name,
+    check_task_ids,
+    check_version,
     check_worker_id,
     encode_json,
 )
@@ -50,13 +54,16 @@ class WorkerOps(QueueCore):
         in the blob store are loaded into ``Task.input``.
         """
         check_name(model, "model")
+        check_version(version)
         check_worker_id(worker_id)
         check_int(max_n, "max_n", 1, MAX_CLAIM)
-        order = self._lane_order([check_lane(lane) for lane in lanes])
+        lease = self.lease_s if lease_s is None else check_lease(lease_s)
+        order = self._lane_order(model, version, [check_lane(lane) for lane in lanes])
         now = self.clock()
-        until = now + timedelta(seconds=lease_s or self.lease_s)
+        until = now + timedelta(seconds=lease)
         claimed: list[Task] = []
-        # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx).
+        # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx): a crash
+        # between the two leaves the second lane's tasks queued, as if never claimed.
         with self._relaxed_tx() as conn:
             for lane in order:
                 want = max_n - len(claimed)
@@ -79,16 +86,36 @@ class WorkerOps(QueueCore):
                     for r in rows
                 ]
                 claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
-        return [
-            dataclasses.replace(x, input=self.load_input(x)) if x.input_ref else x for x in claimed
-        ]
+        return self._with_inputs(worker_id, claimed)
 
-    def _lane_order(self, lanes: list[Lane]) -> list[Lane]:
+    def _with_inputs(self, worker_id: str, claimed: list[Task]) -> list[Task]:
+        """Load inputs held in the blob store. A task whose input is gone fails alone
+        (``input_missing``); any other error hands every claimed task back before raising,
+        so nothing stays leased to a worker that never received it."""
+        out: list[Task] = []
+        try:
+            for task in claimed:
+                if task.input_ref is None:
+                    out.append(task)
+                    continue
+                try:
+                    out.append(dataclasses.replace(task, input=self.load_input(task)))
+                except NotFound:
+                    error = TaskError("input_missing", f"input blob {task.input_ref} is missing")
+                    self.fail(task.id, worker_id, error, retryable=False)
+        except BaseException:
+            self.release(worker_id, [t.id for t in claimed])
+            raise
+        return out
+
+    def _lane_order(self, model: str, version: str, lanes: list[Lane]) -> list[Lane]:
         if not lanes:
             raise InvalidInput("lanes must name at least one lane", field="lanes")
         order = sorted(set(lanes), key=[Lane.INTERACTIVE, Lane.BATCH].index)
-        if len(order) == 2 and next(self._claims) % self.batch_lane_every == 0:
-            order.reverse()
+        if len(order) == 2:
+            count = self._claims.setdefault((model, version), itertools.count(1))
+            if next(count) % self.batch_lane_every == 0:
+                order.reverse()
         return order
 
     def heartbeat(
@@ -96,10 +123,11 @@ class WorkerOps(QueueCore):
     ) -> Heartbeat:
         """Extend the leases this worker still holds; report lost ones and cancel requests."""
         check_worker_id(worker_id)
-        ids = list(dict.fromkeys(task_ids))
+        ids = check_task_ids(task_ids)
+        lease = self.lease_s if lease_s is None else check_lease(lease_s)
         if not ids:
             return Heartbeat(frozenset(), frozenset(), frozenset())
-        until = self.clock() + timedelta(seconds=lease_s or self.lease_s)
+        until = self.clock() + timedelta(seconds=lease)
         with self._relaxed_tx() as conn:
             rows = conn.execute(
                 sql.EXTEND_LEASES, {"p_ids": ids, "p_worker": worker_id, "p_until": until}
@@ -208,10 +236,17 @@ class WorkerOps(QueueCore):
         return task
 
     def acknowledge_cancel(self, task_id: str, worker_id: str) -> Task:
-        """The worker stopped a task whose cancellation was requested: it ends ``cancelled``."""
+        """The worker stopped a task whose cancellation was requested: it ends ``cancelled``.
+        Raises ``Conflict`` if no cancellation was requested (use ``fail`` or ``release``)."""
         now = self.clock()
         with write_tx(self.engine) as conn:
-            self._lock_held(conn, task_id, worker_id)
+            row = self._lock_held(conn, task_id, worker_id)
+            if not row["cancel_requested"]:
+                raise Conflict(
+                    f"task {task_id} has no cancellation request to acknowledge; "
+                    "use fail() or release() to give it up",
+                    task_id=task_id,
+                )
             updated = conn.execute(
                 sa.update(tasks)
                 .where(t.id == task_id)
@@ -224,12 +259,13 @@ class WorkerOps(QueueCore):
         """Hand held tasks back unstarted (a draining worker): queued again, attempt not
         counted. Returns the ids released; tasks no longer held are skipped."""
         check_worker_id(worker_id)
+        ids = check_task_ids(task_ids)
         now = self.clock()
         with write_tx(self.engine) as conn:
             rows = conn.execute(
                 sa.update(tasks)
                 .where(
-                    t.id.in_(list(task_ids)),
+                    t.id.in_(ids),
                     t.lease_owner == worker_id,
                     t.status == TaskStatus.RUNNING.value,
                 )
@@ -253,7 +289,7 @@ class WorkerOps(QueueCore):
 
     def _lock_held(self, conn: Connection, task_id: str, worker_id: str) -> sa.RowMapping:
         check_worker_id(worker_id)
-        row = conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": [task_id]}).mappings().first()
+        row = conn.execute(sql.LOCK_TASK, {"p_id": task_id}).mappings().first()
         if row is None:
             raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
         if TaskStatus(row["status"]).is_finished:
@@ -264,8 +300,7 @@ class WorkerOps(QueueCore):
                 "task was handed on",
                 task_id=task_id,
             )
-        full = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
-        return full
+        return row
 
 
 def _raise_missing(missing: set[str]) -> None:

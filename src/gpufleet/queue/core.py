@@ -49,7 +49,9 @@ class QueueCore:
         self.batch_lane_every = batch_lane_every
         self.clock = clock
         self.notifier = notifier or notifier_for(engine)
-        self._claims = itertools.count(1)
+        # Claims per (model, version), for the batch lane's share; per process, like the
+        # worker that makes them.
+        self._claims: dict[tuple[str, str], itertools.count[int]] = {}
         self._relaxed = relaxed_engine(engine)
 
     def close(self) -> None:

@@ -93,7 +93,7 @@ class TaskQueue(SubmissionOps, WorkerOps):
                     count=int(r[3]),
                     oldest_age_s=_age(now, r[4]),
                 )
-                for r in rows
+                for r in sorted(rows, key=lambda r: (r[0], r[1], r[2]))
             ]
         )
 

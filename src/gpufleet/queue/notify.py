@@ -1,7 +1,7 @@
 """Wake-ups for claimers waiting on an empty queue, so idle latency is low without busy polling.
 
 - PostgreSQL: ``pg_notify`` inside the submitting transaction (delivered on commit, dropped on
-  rollback) and a ``LISTEN`` connection per waiting thread.
+  rollback) and one ``LISTEN`` connection per process, read by a background thread.
 - SQLite: the embedded server runs its workers as separate processes, so an in-process
   condition alone would not reach them. Each waiting thread binds a Unix datagram socket in a
   directory derived from the database file, and a committer sends one datagram to each. A
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import select
 import socket
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection, Engine
 
 CHANNEL = "gpufleet_tasks"
+log = logging.getLogger(__name__)
 
 
 class Notifier(Protocol):
@@ -53,61 +55,112 @@ def notifier_for(engine: Engine) -> Notifier:
 
 
 class PostgresNotifier:
+    """One LISTEN connection per process, read by a background thread that counts wake-ups per
+    model; waiting threads block on a condition. A single reader matters: a LISTEN connection
+    nobody reads stops PostgreSQL from trimming its notification queue, and a full queue makes
+    every NOTIFY, and so every submit, fail."""
+
     def __init__(self, engine: Engine) -> None:
         self._url = engine.url.set(drivername="postgresql")
+        self._cond = threading.Condition()
+        self._counts: dict[str, int] = {}
+        self._epoch = 0  # bumped when the listener (re)connects: wake-ups may have been missed
         self._local = threading.local()
-        self._conns: list[object] = []
-        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._conn: Any = None
 
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
-        for model in set(models):
+        for model in sorted(set(models)):
             conn.exec_driver_sql("SELECT pg_notify(%(ch)s, %(m)s)", {"ch": CHANNEL, "m": model})
 
     def after_commit(self, models: Iterable[str]) -> None:
         pass
 
-    def _listener(self) -> tuple[object, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and not conn.closed:
-            return conn, False
+    def _connect(self) -> Any:
         import psycopg
 
         url = self._url
         params: dict[str, Any] = {k: v for k, v in url.query.items() if isinstance(v, str)}
         params |= {"host": url.host or "localhost", "port": url.port or 5432}
         params |= {"user": url.username, "password": url.password, "dbname": url.database}
-        conn = psycopg.connect(autocommit=True, **params)
+        conn = psycopg.connect(autocommit=True, connect_timeout=10, **params)
         conn.execute(f"LISTEN {CHANNEL}")
-        self._local.conn = conn
-        with self._lock:
-            self._conns.append(conn)
-        return conn, True
+        return conn
+
+    def _listen(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self._conn = self._connect()
+                with self._cond:
+                    self._epoch += 1
+                    self._cond.notify_all()
+                self._listening.set()
+                backoff = 0.5
+                while not self._stop.is_set():
+                    for note in self._conn.notifies(timeout=1.0):
+                        with self._cond:
+                            self._counts[note.payload] = self._counts.get(note.payload, 0) + 1
+                            self._cond.notify_all()
+            except Exception as e:  # the database went away: waiters fall back to their timeout
+                if self._stop.is_set():
+                    break
+                log.warning("wake-up listener lost its connection (%s); reconnecting", e)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+
+    def _seen(self) -> dict[str, tuple[int, int]]:
+        seen: dict[str, tuple[int, int]] | None = getattr(self._local, "seen", None)
+        if seen is None:
+            seen = self._local.seen = {}
+        return seen
 
     def wait(self, model: str, timeout: float) -> bool:
-        conn, new = self._listener()
-        if new:
-            # Work may have arrived before LISTEN took effect: let the caller look again.
-            return True
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            for note in conn.notifies(timeout=left, stop_after=1):  # type: ignore[attr-defined]
-                if note.payload == model:
-                    return True
-        return False
+        if self._thread is None:
+            with self._cond:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._listen, name="gpufleet-wakeups", daemon=True
+                    )
+                    self._thread.start()
+        # Once per process: until LISTEN is in place a submit's wake-up would be lost.
+        self._listening.wait(5.0)
+        seen = self._seen()
+        with self._cond:
+            state = (self._epoch, self._counts.get(model, 0))
+            # Anything since this thread last looked (or its first look) counts, as a buffered
+            # notification would: work may have arrived between its empty claim and this wait.
+            if seen.get(model) != state:
+                seen[model] = state
+                return True
+            self._cond.wait_for(lambda: (self._epoch, self._counts.get(model, 0)) != state, timeout)
+            now = (self._epoch, self._counts.get(model, 0))
+            seen[model] = now
+            return now != state
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(Exception):
-                    conn.close()  # type: ignore[attr-defined]
-            self._conns.clear()
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        if self._thread is not None:
+            self._thread.join(3)
 
 
 def _socket_dir(database: Path) -> Path:
-    # AF_UNIX paths are limited to 108 bytes, so the directory lives in the temp dir under a
-    # short name derived from the database's absolute path.
-    key = hashlib.sha256(str(database.expanduser().resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"gpufleet-wake-{key}"
+    """Beside the database, so it has the database's owner and permissions. AF_UNIX paths are
+    limited to 108 bytes: for a deeply nested database, a per-user directory in the temp dir."""
+    database = database.expanduser().resolve()
+    beside = database.parent / f".{database.name}.wake"
+    if len(str(beside)) <= 70:  # room for "/<pid>-<thread>-<random>"
+        return beside
+    key = hashlib.sha256(str(database).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-wake-{key}"
 
 
 class SocketNotifier:
@@ -122,7 +175,14 @@ class SocketNotifier:
         pass
 
     def after_commit(self, models: Iterable[str]) -> None:
-        payloads = [m.encode() for m in set(models)]
+        # The work is committed by now: a wake-up that cannot be sent costs latency (waiters
+        # poll), so it must never turn an accepted submit into an error.
+        try:
+            self._send([m.encode() for m in set(models)])
+        except OSError as e:
+            log.warning("could not send wake-ups through %s: %s", self.dir, e)
+
+    def _send(self, payloads: list[bytes]) -> None:
         if not payloads:
             return
         try:
@@ -157,6 +217,8 @@ class SocketNotifier:
         if sock is not None and getattr(self._local, "pid", None) == os.getpid():
             return sock, False
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.dir.stat().st_uid != os.getuid():
+            raise PermissionError(f"{self.dir} belongs to another user; refusing to use it")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         path = self.dir / f"{os.getpid()}-{threading.get_ident() % 10**8}-{os.urandom(3).hex()}"
         sock.bind(str(path))
@@ -167,9 +229,14 @@ class SocketNotifier:
         return sock, True
 
     def wait(self, model: str, timeout: float) -> bool:
-        sock, new = self._receiver()
+        try:
+            sock, new = self._receiver()
+        except OSError as e:  # no wake-ups possible here: degrade to polling, loudly
+            log.warning("cannot receive wake-ups in %s (%s); polling instead", self.dir, e)
+            time.sleep(timeout)
+            return False
         if new:
-            return True  # see PostgresNotifier.wait
+            return True  # work may have arrived before this thread subscribed: look again
         want = model.encode()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:

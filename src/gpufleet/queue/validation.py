@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,44 @@ def check_worker_id(value: object) -> str:
     return value
 
 
-def check_error(error: TaskError) -> TaskError:
+MAX_LEASE_S = 24 * 3600.0
+
+
+def check_version(value: object) -> str:
+    return check_name(value, "version", _VERSION)
+
+
+def check_lease(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.1 <= value <= MAX_LEASE_S
+    ):
+        raise InvalidInput(
+            f"lease_s must be a number of seconds from 0.1 to {MAX_LEASE_S:.0f}, got {value!r:.40}",
+            field="lease_s",
+        )
+    return float(value)
+
+
+def check_task_ids(value: object) -> list[str]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | set | frozenset):
+        raise InvalidInput(
+            f"task_ids must be a list of task ids, got {type(value).__name__}", field="task_ids"
+        )
+    ids = list(dict.fromkeys(value))
+    if any(not isinstance(i, str) or not 1 <= len(i) <= 64 for i in ids):
+        raise InvalidInput(
+            "task_ids must hold task ids (strings of 1-64 characters)", field="task_ids"
+        )
+    return ids
+
+
+def check_error(error: object) -> TaskError:
+    if not isinstance(error, TaskError):
+        raise InvalidInput(
+            f"error must be a TaskError(code, message), got {type(error).__name__}", field="error"
+        )
     code = check_name(error.code, "error.code")
     return TaskError(code[:64], str(error.message)[:10_000])
 
@@ -117,7 +155,7 @@ def encode_json(value: Any, field: str) -> bytes:
 
 def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
     check_name(spec.model, "model")
-    check_name(spec.version, "version", _VERSION)
+    check_version(spec.version)
     check_name(spec.tenant, "tenant", _TENANT)
     lane = check_lane(spec.lane)
     check_int(spec.priority, "priority", PRIORITY_MIN, PRIORITY_MAX)
