@@ -17,19 +17,11 @@ app = typer.Typer(help="The task queue: depth and lease recovery.", no_args_is_h
 
 def open_queue(ctx: typer.Context) -> TaskQueue:
     from gpufleet.queue import TaskQueue
-    from gpufleet.store import LocalBlobStore, create_engine, upgrade
+    from gpufleet.store import upgrade
 
-    s = state(ctx).settings
-    engine = create_engine(s.resolved_database_url())
-    upgrade(engine)
-    return TaskQueue(
-        engine,
-        LocalBlobStore(s.resolved_blob_dir()),
-        lease_s=s.lease_s,
-        retry_backoff_s=s.retry_backoff_s,
-        retry_backoff_max_s=s.retry_backoff_max_s,
-        batch_lane_every=s.batch_lane_every,
-    )
+    queue = TaskQueue.from_settings(state(ctx).settings)
+    upgrade(queue.engine)
+    return queue
 
 
 @app.command("stats")

@@ -29,7 +29,7 @@ from gpufleet.queue.validation import (
     check_worker_id,
     encode_json,
 )
-from gpufleet.store.engine import autocommit, write_tx
+from gpufleet.store.engine import autocommit, read_tx, write_tx
 from gpufleet.store.schema import tasks
 
 t = tasks.c
@@ -159,16 +159,19 @@ class WorkerOps(QueueCore):
         if len(encoded) != len(results):
             raise InvalidInput("a task appears twice in one completion", field="results")
         now = self.clock()
-        params: list[dict[str, Any]] = []
-        for tid, res in results:
-            inline = len(encoded[tid]) <= self.limits.inline_input_limit
-            params.append(
-                {
-                    "b_id": tid,
-                    "b_result": res if inline else None,
-                    "b_ref": None if inline else self.blobs.put(encoded[tid]),
-                }
-            )
+        big = [tid for tid in encoded if len(encoded[tid]) > self.limits.inline_input_limit]
+        if big:  # refuse unknown ids before any result reaches the blob store
+            with read_tx(self.engine) as conn:
+                known = set(conn.execute(sql.FINISHED_STATUS, {"p_ids": list(encoded)}).scalars())
+            _raise_missing(set(encoded) - known)
+        params: list[dict[str, Any]] = [
+            {
+                "b_id": tid,
+                "b_result": None if tid in big else res,
+                "b_ref": self.blobs.put(encoded[tid]) if tid in big else None,
+            }
+            for tid, res in results
+        ]
         if self.engine.dialect.name == "postgresql":
             with autocommit(self.engine) as conn:  # one statement, one durable commit
                 return self._complete_batch_pg(conn, now, params)

@@ -13,13 +13,15 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from gpufleet.queue import sql
 from gpufleet.queue.claim import WorkerOps
 from gpufleet.queue.core import utcnow
 from gpufleet.queue.submission import SubmissionOps
 from gpufleet.queue.tasks import DepthRow, Lane, QueueStats, Recovery, TaskError, TaskStatus
-from gpufleet.queue.validation import check_lane
+from gpufleet.queue.validation import Limits, check_lane
+from gpufleet.settings import Settings
 from gpufleet.store.engine import read_tx, write_tx
 from gpufleet.store.schema import tasks
 
@@ -28,6 +30,25 @@ __all__ = ["TaskQueue", "utcnow"]
 
 
 class TaskQueue(SubmissionOps, WorkerOps):
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine | None = None) -> TaskQueue:
+        """The queue an entry point configures: database, blobs and limits from ``settings``."""
+        from gpufleet.store import LocalBlobStore, create_engine
+
+        return cls(
+            engine or create_engine(settings.resolved_database_url()),
+            LocalBlobStore(settings.resolved_blob_dir()),
+            limits=Limits(
+                inline_input_limit=settings.inline_input_limit,
+                max_input_bytes=settings.max_input_bytes,
+                default_max_attempts=settings.default_max_attempts,
+            ),
+            lease_s=settings.lease_s,
+            retry_backoff_s=settings.retry_backoff_s,
+            retry_backoff_max_s=settings.retry_backoff_max_s,
+            batch_lane_every=settings.batch_lane_every,
+        )
+
     def recover_expired(self, limit: int = 1000) -> Recovery:
         """Tasks whose worker stopped heartbeating go back to the queue (with backoff) or, out
         of attempts, end ``failed`` with ``lease_expired``. Safe to run from many processes."""

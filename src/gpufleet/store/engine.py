@@ -36,7 +36,14 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine
             parsed = parsed.set(drivername="postgresql+psycopg")
         # No pre-ping: it costs a round trip per transaction. A connection broken by a server
         # restart fails once (Unavailable) and the pool then replaces all of them.
-        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, echo=echo)
+        # Sessions in UTC, so timestamps read back the same on PostgreSQL as on SQLite.
+        return sa.create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            echo=echo,
+            connect_args={"options": "-c TimeZone=UTC"},
+        )
     raise InvalidInput(
         f"unsupported database {backend!r}; use sqlite:///PATH or postgresql://...",
         field="database_url",
@@ -115,7 +122,7 @@ def relaxed_engine(engine: Engine) -> Engine | None:
     return sa.create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c synchronous_commit=off"},
+        connect_args={"options": "-c synchronous_commit=off -c TimeZone=UTC"},
         pool_size=2,
         max_overflow=8,
     )

@@ -29,8 +29,8 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
-        # psycopg already returns timestamptz as aware datetimes (in the session's time zone,
-        # which compares equal); converting each one again cost measurable CPU per claim.
+        # psycopg already returns timestamptz as aware datetimes, in UTC (create_engine sets the
+        # session's TimeZone); converting each one again cost measurable CPU per claim.
         if dialect.name == "postgresql":
             return None
         return super().result_processor(dialect, coltype)
