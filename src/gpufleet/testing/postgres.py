@@ -172,6 +172,22 @@ class PostgresServer:
         """A SQLAlchemy URL using psycopg 3."""
         return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{dbname}"
 
+    def pause(self) -> None:
+        """Stop the server, keeping its data (to test outages); ``resume`` starts it again."""
+        out = self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"]
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {out.stderr.strip()}")
+
+    def resume(self) -> None:
+        log = str(Path(self._tmp or "/") / "server.log")
+        out = self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", log, "-w", "start"]
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {out.stderr.strip()}")
+
     def stop(self) -> None:
         if self._tmp is None:
             return

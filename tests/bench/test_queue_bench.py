@@ -1,0 +1,51 @@
+"""The queue benchmark runs end to end in --quick mode and writes the agreed JSON shape.
+
+Its figures are not asserted here: on a shared CI machine they say nothing. bench/README.md
+keeps the full-size table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = {
+    "pg_claim_complete_per_s",
+    "sqlite_claim_complete_per_s",
+    "ratio_vs_pgqueuer",
+    "ratio_vs_procrastinate",
+    "pg_wakeup_p50_ms",
+    "sqlite_wakeup_p50_ms",
+}
+
+
+@pytest.mark.slow
+def test_queue_bench_quick_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "queue_bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "queue_bench.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "queue_bench: targets" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["bench"] == "queue_bench"
+    assert result["machine"]["quick"] is True
+    assert set(result["metrics"]) >= FIGURES
+    assert all(v > 0 for v in result["metrics"].values())
+    for name, target in result["targets"].items():
+        assert set(target) == {"value", "op", "target", "met"}, name
+        assert target["op"] in (">=", "<=")
+        assert target["met"] == (
+            target["value"] >= target["target"]
+            if target["op"] == ">="
+            else target["value"] <= target["target"]
+        )
