@@ -1,6 +1,7 @@
 """The task record, its states and lanes, and the small value types the queue returns.
 
-State machine (every transition is one transaction in ``queue.manager``)::
+State machine (each transition is one transaction of ``TaskQueue``: client operations in
+``queue.submission``, the worker's in ``queue.claim``, housekeeping in ``queue.manager``)::
 
     queued ──claim──> running ──complete──> succeeded
       ^  │              │ ├──fail (retryable, attempts left) / lease expired──> queued

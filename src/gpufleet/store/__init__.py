@@ -1,7 +1,7 @@
 """Persistence: SQLAlchemy Core tables, migrations, engines (SQLite WAL / PostgreSQL), blobs."""
 
 from gpufleet.store.blobs import BlobStore, LocalBlobStore
-from gpufleet.store.engine import create_engine, dialect_of, translate_db_errors
+from gpufleet.store.engine import create_engine, translate_db_errors
 from gpufleet.store.migrate import current_revision, head_revision, upgrade
 from gpufleet.store.schema import metadata, tasks
 
@@ -10,7 +10,6 @@ __all__ = [
     "LocalBlobStore",
     "create_engine",
     "current_revision",
-    "dialect_of",
     "head_revision",
     "metadata",
     "tasks",

@@ -82,10 +82,6 @@ def _sqlite_engine(url: sa.URL, *, echo: bool) -> Engine:
     return engine
 
 
-def dialect_of(engine: Engine) -> str:
-    return engine.dialect.name
-
-
 @contextmanager
 def write_tx(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """One write transaction: BEGIN IMMEDIATE on SQLite, READ COMMITTED on PostgreSQL.
