@@ -35,7 +35,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import bench_pgqueuer, bench_procrastinate
 
-from gpufleet.queue import TaskQueue, TaskSpec
+from gpufleet.queue import Completer, TaskQueue, TaskSpec
 from gpufleet.store import LocalBlobStore, create_engine, upgrade
 from gpufleet.testing import PostgresServer
 
@@ -51,14 +51,18 @@ def _open(url: str, blobs: str) -> TaskQueue:
 # -- claim-complete throughput ------------------------------------------------------------
 
 
-def _claimer(url: str, blobs: str, name: str, go: Any, out: Any) -> None:
+def _claimer(url: str, blobs: str, name: str, ready: Any, go: Any, out: Any) -> None:
     q = _open(url, blobs)
     q.claim("warm", "1", name)  # connect and prepare before the clock starts
+    ready.put(name)
     go.wait()
     done = 0
-    while batch := q.claim("m", "1", name, max_n=CLAIM_BATCH):
-        q.complete_many(name, [(t.id, None) for t in batch])
-        done += len(batch)
+    # As a worker runs: results commit in the background (group commit) while it claims and
+    # runs the next batch; the clock stops when the last result is durable.
+    with Completer(q, name) as completer:
+        while batch := q.claim("m", "1", name, max_n=CLAIM_BATCH):
+            completer.submit([(t.id, None) for t in batch])
+            done += len(batch)
     out.put((done, time.monotonic()))
 
 
@@ -72,13 +76,16 @@ def claim_complete(url: str, blobs: str, n: int, claimers: int) -> dict[str, flo
     with q.engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
         conn.commit()
-    go, out = ctx.Event(), ctx.Queue()
+    ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=_claimer, args=(url, blobs, f"c{i}", go, out)) for i in range(claimers)
+        ctx.Process(target=_claimer, args=(url, blobs, f"c{i}", ready, go, out))
+        for i in range(claimers)
     ]
     for p in procs:
         p.start()
-    time.sleep(1.0 + 0.1 * claimers)  # let every claimer import and connect
+    for _ in procs:  # every claimer has imported, connected and prepared its statements
+        ready.get(timeout=120)
+    time.sleep(0.2)
     start = time.monotonic()
     go.set()
     results = [out.get(timeout=600) for _ in procs]

@@ -3,6 +3,7 @@
 It stores through ``gpufleet.store`` and never calls a model or serves HTTP.
 """
 
+from gpufleet.queue.completer import Completer
 from gpufleet.queue.maintenance import LeaseReaper
 from gpufleet.queue.manager import TaskQueue, utcnow
 from gpufleet.queue.tasks import (
@@ -22,6 +23,7 @@ from gpufleet.queue.tasks import (
 from gpufleet.queue.validation import Limits
 
 __all__ = [
+    "Completer",
     "Completion",
     "DepthRow",
     "Heartbeat",

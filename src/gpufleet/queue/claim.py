@@ -164,17 +164,14 @@ class WorkerOps(QueueCore):
             with read_tx(self.engine) as conn:
                 known = set(conn.execute(sql.FINISHED_STATUS, {"p_ids": list(encoded)}).scalars())
             _raise_missing(set(encoded) - known)
-        params: list[dict[str, Any]] = [
-            {
-                "b_id": tid,
-                "b_result": None if tid in big else res,
-                "b_ref": self.blobs.put(encoded[tid]) if tid in big else None,
-            }
-            for tid, res in results
-        ]
+        refs = {tid: self.blobs.put(encoded[tid]) for tid in big}
         if self.engine.dialect.name == "postgresql":
             with autocommit(self.engine) as conn:  # one statement, one durable commit
-                return self._complete_batch_pg(conn, now, params)
+                return self._complete_batch_pg(conn, now, encoded, refs)
+        params: list[dict[str, Any]] = [
+            {"b_id": tid, "b_result": None if tid in refs else res, "b_ref": refs.get(tid)}
+            for tid, res in results
+        ]
         with write_tx(self.engine) as conn:
             found = {r.id: r for r in conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": list(encoded)})}
             _raise_missing(set(encoded) - set(found))
@@ -196,16 +193,19 @@ class WorkerOps(QueueCore):
 
     @staticmethod
     def _complete_batch_pg(
-        conn: Connection, now: datetime, params: list[dict[str, Any]]
+        conn: Connection, now: datetime, encoded: dict[str, bytes], refs: dict[str, str]
     ) -> Completion:
-        rows = [
-            {"id": p["b_id"], "result": p["b_result"], "result_ref": p["b_ref"]} for p in params
-        ]
-        done = conn.execute(
-            sql.PG_COMPLETE_BATCH, {"p_now": now, "p_rows": json.dumps(rows)}
-        ).scalars()
+        # The rows as one JSON document, from the results' canonical JSON text as it stands:
+        # encoding them a second time cost the worker a tenth of its CPU per task.
+        rows = ",".join(
+            f'{{"id":{json.dumps(tid)},"result_ref":{json.dumps(refs[tid])}}}'
+            if tid in refs
+            else f'{{"id":{json.dumps(tid)},"result":{doc.decode()}}}'
+            for tid, doc in encoded.items()
+        )
+        done = conn.execute(sql.PG_COMPLETE_BATCH, {"p_now": now, "p_rows": f"[{rows}]"}).scalars()
         accepted = set(done)
-        rest = [p["b_id"] for p in params if p["b_id"] not in accepted]
+        rest = [tid for tid in encoded if tid not in accepted]
         rejected: dict[str, TaskStatus] = {}
         if rest:  # rare: someone else finished them first, or they do not exist
             rejected = {
@@ -213,7 +213,7 @@ class WorkerOps(QueueCore):
                 for r in conn.execute(sql.FINISHED_STATUS, {"p_ids": rest})
             }
             _raise_missing(set(rest) - set(rejected))
-        return Completion(tuple(p["b_id"] for p in params if p["b_id"] in accepted), rejected)
+        return Completion(tuple(tid for tid in encoded if tid in accepted), rejected)
 
     def fail(self, task_id: str, worker_id: str, error: TaskError, *, retryable: bool) -> Task:
         """Report a failed attempt. Retryable failures go back to the queue with exponential
