@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # One claim in this many takes the batch lane first, so a busy interactive lane never
     # starves batch work.
     batch_lane_every: int = Field(default=4, ge=1)
+    # Queued tasks one tenant may have before submits get 429 quota_exceeded; 0: no limit.
+    max_queued_per_tenant: int = Field(default=100_000, ge=0)
 
     @field_validator("data_dir", "blob_dir")
     @classmethod

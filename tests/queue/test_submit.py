@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from gpufleet.errors import NotFound
+from gpufleet.errors import InvalidInput, NotFound, QuotaExceeded
 from gpufleet.queue import Lane, Limits, TaskQueue, TaskSpec, TaskStatus
 from gpufleet.store import LocalBlobStore
 from tests.helpers import FakeClock, count_tasks
@@ -112,3 +112,36 @@ def test_list_filters_and_paginates_newest_first(queue: TaskQueue) -> None:
     cancelled = queue.list_tasks(tenant="a", status="cancelled")
     assert [t.id for t in cancelled.items] == [ids[0]]
     assert len(queue.list_tasks().items) == 9
+
+
+def test_a_tenant_past_its_queued_limit_is_refused_and_nothing_is_written(
+    engine: Engine, blob_dir: Path, clock: FakeClock
+) -> None:
+    q = TaskQueue(
+        engine, LocalBlobStore(blob_dir), limits=Limits(max_queued_per_tenant=2), clock=clock
+    )
+    q.submit_many([TaskSpec("m", "1", i, tenant="a") for i in range(2)])
+    with pytest.raises(QuotaExceeded) as e:
+        q.submit(TaskSpec("m", "1", 3, tenant="a"))
+    assert e.value.details["limit"] == 2
+    assert e.value.details["retry_after_s"] > 0
+    q.submit(TaskSpec("m", "1", 3, tenant="b"))  # other tenants are not affected
+    q.claim("m", "1", "w")  # running tasks no longer count
+    q.submit(TaskSpec("m", "1", 4, tenant="a"))
+    assert count_tasks(engine) == 4
+    q.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://x/y", "http://", "not a url", "https://h:99999/", "/relative", "x" * 3000]
+)
+def test_webhook_url_must_be_absolute_http(queue: TaskQueue, url: str) -> None:
+    with pytest.raises(InvalidInput, match="webhook_url"):
+        queue.submit(TaskSpec("m", "1", None, webhook_url=url))
+
+
+def test_webhook_url_is_stored_and_pending(queue: TaskQueue) -> None:
+    task = queue.submit(TaskSpec("m", "1", None, webhook_url="http://127.0.0.1:9/hook")).task
+    stored = queue.get(task.id)
+    assert stored.webhook_url == "http://127.0.0.1:9/hook"
+    assert stored.webhook_state == "pending"

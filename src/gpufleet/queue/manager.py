@@ -42,6 +42,7 @@ class TaskQueue(SubmissionOps, WorkerOps):
                 inline_input_limit=settings.inline_input_limit,
                 max_input_bytes=settings.max_input_bytes,
                 default_max_attempts=settings.default_max_attempts,
+                max_queued_per_tenant=settings.max_queued_per_tenant or None,
             ),
             lease_s=settings.lease_s,
             retry_backoff_s=settings.retry_backoff_s,

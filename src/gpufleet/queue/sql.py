@@ -175,3 +175,6 @@ PG_COMPLETE_BATCH = sa.text(
 ).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
 
 FINISHED_STATUS = sa.select(t.id, t.status).where(t.id.in_(_ids))
+
+# Quota: a tenant's queued tasks. Uses ix_tasks_tenant_queued (tenant) WHERE queued.
+QUEUED_OF_TENANT = sa.select(sa.func.count()).where(IS_QUEUED, t.tenant == sa.bindparam("p_tenant"))

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from gpufleet.errors import IdempotencyConflict, NotFound, TaskFinished
+from gpufleet.errors import IdempotencyConflict, NotFound, QuotaExceeded, TaskFinished
+from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore
 from gpufleet.queue.ids import new_task_id
 from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
@@ -36,6 +37,7 @@ class SubmissionOps(QueueCore):
         rows = [self._row(p, now) for p in prepared]
         out: list[Submission] = []
         with write_tx(self.engine) as conn:
+            self._check_quota(conn, prepared)
             keyless = [r for r in rows if r["idempotency_key"] is None]
             if keyless:
                 conn.execute(tasks.insert(), keyless)
@@ -48,6 +50,28 @@ class SubmissionOps(QueueCore):
             self.notifier.in_transaction(conn, created)
         self.notifier.after_commit(created)
         return out
+
+    def _check_quota(self, conn: Connection, prepared: list[PreparedTask]) -> None:
+        """Refuse a submission that would take a tenant past ``max_queued_per_tenant``. On
+        SQLite the write lock makes the count exact; on PostgreSQL concurrent submitters of one
+        tenant may overshoot by what they submit at the same moment."""
+        limit = self.limits.max_queued_per_tenant
+        if limit is None:
+            return
+        wanted: dict[str, int] = {}
+        for p in prepared:
+            wanted[p.spec.tenant] = wanted.get(p.spec.tenant, 0) + 1
+        for tenant, n in sorted(wanted.items()):
+            queued = conn.execute(sql.QUEUED_OF_TENANT, {"p_tenant": tenant}).scalar_one()
+            if queued + n > limit:
+                raise QuotaExceeded(
+                    f"tenant {tenant} has {queued} tasks queued and the limit is {limit}; "
+                    "retry when some have run",
+                    tenant=tenant,
+                    queued=queued,
+                    limit=limit,
+                    retry_after_s=5,
+                )
 
     def _refuse_reused_keys(self, prepared: list[PreparedTask]) -> None:
         """Refuse a reused idempotency key before large inputs reach the blob store. The
@@ -90,6 +114,10 @@ class SubmissionOps(QueueCore):
             "idempotency_key": p.spec.idempotency_key,
             "request_hash": p.request_hash if p.spec.idempotency_key is not None else None,
             "created_at": now,
+            "webhook_url": p.spec.webhook_url,
+            "webhook_state": "pending" if p.spec.webhook_url else None,
+            "webhook_attempts": 0,
+            "webhook_next_at": now if p.spec.webhook_url else None,
         }
 
     @staticmethod

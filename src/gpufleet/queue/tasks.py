@@ -59,6 +59,7 @@ class TaskSpec:
     priority: int = 0
     idempotency_key: str | None = None
     max_attempts: int | None = None
+    webhook_url: str | None = None  # POSTed the finished task once (http or https)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Task:
     idempotency_key: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    webhook_url: str | None = None
+    webhook_state: str | None = None
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Task:
@@ -116,6 +119,8 @@ class Task:
             idempotency_key=row["idempotency_key"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
+            webhook_url=row["webhook_url"],
+            webhook_state=row["webhook_state"],
         )
 
     @classmethod

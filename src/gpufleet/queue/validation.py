@@ -38,6 +38,8 @@ class Limits:
     inline_input_limit: int = 64 * 1024
     max_input_bytes: int = 16 * 1024 * 1024
     default_max_attempts: int = 3
+    # Queued (not yet running) tasks one tenant may have; None: no limit.
+    max_queued_per_tenant: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,26 @@ def encode_json(value: Any, field: str) -> bytes:
     return text.encode()
 
 
+def check_webhook_url(url: object) -> str:
+    """An absolute http(s) URL with a host, at most 2048 characters."""
+    from urllib.parse import urlsplit
+
+    ok = isinstance(url, str) and len(url) <= 2048 and not any(c.isspace() for c in url)
+    if ok:
+        try:
+            parts = urlsplit(str(url))
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # raises ValueError for a port out of range
+        except ValueError:
+            ok = False
+    if not ok:
+        raise InvalidInput(
+            f"webhook_url must be an absolute http:// or https:// URL; got {url!r:.80}",
+            field="webhook_url",
+        )
+    return str(url)
+
+
 def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
     check_name(spec.model, "model")
     check_version(spec.version)
@@ -167,6 +189,8 @@ def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
             f"idempotency_key must be a string of 1-256 characters, got {key!r:.40}",
             field="idempotency_key",
         )
+    if spec.webhook_url is not None:
+        check_webhook_url(spec.webhook_url)
     encoded = encode_json(spec.input, "input")
     if len(encoded) > limits.max_input_bytes:
         raise PayloadTooLarge(
@@ -177,7 +201,8 @@ def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
             size=len(encoded),
         )
     h = hashlib.sha256()
-    for part in (spec.model, spec.version, lane.value, str(spec.priority), str(max_attempts)):
+    parts = (spec.model, spec.version, lane.value, str(spec.priority), str(max_attempts))
+    for part in (*parts, spec.webhook_url or ""):
         h.update(part.encode())
         h.update(b"\0")
     h.update(encoded)

@@ -48,6 +48,12 @@ tasks = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("started_at", UtcDateTime, nullable=True),
     sa.Column("finished_at", UtcDateTime, nullable=True),
+    # Called once when the task ends (migration 0002). webhook_state is 'pending' from submit
+    # until delivered ('delivered') or given up ('failed'); NULL without a webhook.
+    sa.Column("webhook_url", sa.Text, nullable=True),
+    sa.Column("webhook_state", sa.String(16), nullable=True),
+    sa.Column("webhook_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("webhook_next_at", UtcDateTime, nullable=True),
     sa.CheckConstraint("lane IN ('interactive', 'batch')", name="lane"),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
@@ -78,3 +84,32 @@ sa.Index(
 )
 # list: a tenant's tasks, newest first (id is time-ordered).
 sa.Index("ix_tasks_tenant_id", tasks.c.tenant, tasks.c.id)
+# quota: how many tasks a tenant has waiting in the queue.
+sa.Index(
+    "ix_tasks_tenant_queued",
+    tasks.c.tenant,
+    postgresql_where=tasks.c.status == "queued",
+    sqlite_where=tasks.c.status == "queued",
+)
+# webhooks: deliveries still owed, by when the next attempt is due.
+sa.Index(
+    "ix_tasks_webhook_due",
+    tasks.c.webhook_next_at,
+    postgresql_where=tasks.c.webhook_state == "pending",
+    sqlite_where=tasks.c.webhook_state == "pending",
+)
+
+# API keys (migration 0002). A key is "gfk_<id>_<secret>": ``id`` finds the row, the secret
+# is checked against its SHA-256 (keys are 256-bit random, so a slow hash adds nothing) with a
+# constant-time comparison. The secret itself is never stored.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(128), nullable=True),
+    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+)
