@@ -9,7 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from gpufleet.queue import TaskError, TaskQueue, TaskSpec
+from gpufleet.queue.notify import FINISHED
 
 
 def _waiter(q: TaskQueue, model: str, timeout: float, out: list[tuple[bool, float]]) -> None:
@@ -102,3 +105,36 @@ def test_an_idle_wait_does_not_spin(queue: TaskQueue) -> None:
     assert not queue.wait_for_work("m", "1", 1.5)
     assert time.monotonic() - t0 >= 1.45
     assert time.process_time() - cpu0 < 0.1  # blocked in select/poll, not polling the database
+
+
+def _finish_waiter(q: TaskQueue, timeout: float, out: list[bool]) -> None:
+    q.notifier.wait(FINISHED, 0)  # subscribe
+    ready_finished.set()
+    out.append(q.notifier.wait(FINISHED, timeout))
+
+
+ready_finished = threading.Event()
+
+
+@pytest.mark.parametrize("how", ["complete", "fail", "cancel_queued"])
+def test_a_task_ending_wakes_result_waiters(queue: TaskQueue, how: str) -> None:
+    """The API's result waits and event streams are woken by a task ending, however it ends."""
+    ready_finished.clear()
+    task = queue.submit(TaskSpec("m", "1", 1)).task
+    if how != "cancel_queued":
+        queue.claim("m", "1", "w")
+    out: list[bool] = []
+    th = threading.Thread(target=_finish_waiter, args=(queue, 10.0, out))
+    th.start()
+    assert ready_finished.wait(5)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    if how == "complete":
+        queue.complete(task.id, "w", "r")
+    elif how == "fail":
+        queue.fail(task.id, "w", TaskError("boom", "x"), retryable=False)
+    else:
+        queue.cancel(task.id)
+    th.join(10)
+    assert out == [True]
+    assert time.monotonic() - t0 < 2.0

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from gpufleet.errors import Conflict, InvalidInput, LeaseLost, NotFound, TaskFinished
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore
+from gpufleet.queue.notify import CHANNEL, FINISHED
 from gpufleet.queue.tasks import Completion, Heartbeat, Lane, Task, TaskError, TaskStatus
 from gpufleet.queue.validation import (
     check_error,
@@ -189,6 +190,8 @@ class WorkerOps(QueueCore):
                     p["b_result"] = p["b_ref"] = None
             if done:
                 conn.execute(sql.FINISH_WITH_RESULT, done)
+        if done:
+            self.notifier.after_commit([FINISHED])
         return Completion(tuple(p["b_id"] for p in done), rejected)
 
     @staticmethod
@@ -203,7 +206,8 @@ class WorkerOps(QueueCore):
             else f'{{"id":{json.dumps(tid)},"result":{doc.decode()}}}'
             for tid, doc in encoded.items()
         )
-        done = conn.execute(sql.PG_COMPLETE_BATCH, {"p_now": now, "p_rows": f"[{rows}]"}).scalars()
+        params = {"p_now": now, "p_rows": f"[{rows}]", "p_channel": CHANNEL, "p_topic": FINISHED}
+        done = conn.execute(sql.PG_COMPLETE_BATCH, params).scalars()
         accepted = set(done)
         rest = [tid for tid in encoded if tid not in accepted]
         rejected: dict[str, TaskStatus] = {}
@@ -233,9 +237,9 @@ class WorkerOps(QueueCore):
                 sa.update(tasks).where(t.id == task_id).values(values).returning(*tasks.c)
             )
             task = Task.from_row(updated.mappings().one())
-            requeued = [task.model] if task.status == TaskStatus.QUEUED else []
-            self.notifier.in_transaction(conn, requeued)
-        self.notifier.after_commit(requeued)
+            woken = [task.model] if task.status == TaskStatus.QUEUED else [FINISHED]
+            self.notifier.in_transaction(conn, woken)
+        self.notifier.after_commit(woken)
         return task
 
     def acknowledge_cancel(self, task_id: str, worker_id: str) -> Task:
@@ -256,7 +260,10 @@ class WorkerOps(QueueCore):
                 .values(self._cancelled(now))
                 .returning(*tasks.c)
             )
-            return Task.from_row(updated.mappings().one())
+            task = Task.from_row(updated.mappings().one())
+            self.notifier.in_transaction(conn, [FINISHED])
+        self.notifier.after_commit([FINISHED])
+        return task
 
     def release(self, worker_id: str, task_ids: Sequence[str]) -> list[str]:
         """Hand held tasks back unstarted (a draining worker): queued again, attempt not
@@ -285,9 +292,9 @@ class WorkerOps(QueueCore):
                 )
                 .returning(t.id, t.model)
             ).all()
-            models = {r.model for r in rows}
-            self.notifier.in_transaction(conn, models)
-        self.notifier.after_commit(models)
+            woken = {r.model for r in rows} | {FINISHED}
+            self.notifier.in_transaction(conn, woken)
+        self.notifier.after_commit(woken)
         return [r.id for r in rows]
 
     def _lock_held(self, conn: Connection, task_id: str, worker_id: str) -> sa.RowMapping:

@@ -8,7 +8,8 @@
   waiter in the same process is reached the same way; a socket whose process died is removed.
 
 Waiters always wait with a timeout too (the caller's safety-net poll), so a lost wake-up costs
-latency, never a task. Payloads are model names; a waiter ignores other models' wake-ups.
+latency, never a task. Payloads are model names (work to claim) or ``FINISHED`` (a task ended);
+a waiter ignores other topics' wake-ups.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection, Engine
 
 CHANNEL = "gpufleet_tasks"
+# The topic of "some task ended" wake-ups, for waiters on results (the API's ``wait``, events).
+# No model can have this name: model names start with a letter or digit.
+FINISHED = "*finished"
 log = logging.getLogger(__name__)
 
 

@@ -157,7 +157,7 @@ PG_COMPLETE_BATCH = sa.text(
     WITH v AS (
         SELECT * FROM jsonb_to_recordset(CAST(:p_rows AS jsonb))
             AS x(id text, result jsonb, result_ref text)
-    )
+    ), done AS (
     UPDATE tasks SET
         status = CASE WHEN tasks.cancel_requested THEN 'cancelled' ELSE 'succeeded' END,
         result = CASE WHEN tasks.cancel_requested THEN NULL ELSE v.result END,
@@ -171,6 +171,10 @@ PG_COMPLETE_BATCH = sa.text(
     WHERE tasks.id = v.id AND tasks.status IN ('queued', 'running')
       AND NOT EXISTS (SELECT 1 FROM v LEFT JOIN tasks t2 ON t2.id = v.id WHERE t2.id IS NULL)
     RETURNING tasks.id
+    )
+    -- The "finished" wake-up for result waiters, sent on commit, in the same round trip.
+    -- PostgreSQL folds identical notifications of one transaction into one.
+    SELECT done.id FROM done CROSS JOIN (SELECT pg_notify(:p_channel, :p_topic)) AS n
     """
 ).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
 

@@ -14,6 +14,7 @@ from gpufleet.errors import IdempotencyConflict, NotFound, QuotaExceeded, TaskFi
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore
 from gpufleet.queue.ids import new_task_id
+from gpufleet.queue.notify import FINISHED
 from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
 from gpufleet.queue.validation import PreparedTask, check_int, check_name, check_status, prepare
 from gpufleet.store.engine import read_tx, write_tx
@@ -208,6 +209,9 @@ class SubmissionOps(QueueCore):
             if status != TaskStatus.CANCELLED:
                 conn.execute(sa.update(tasks).where(t.id == task_id).values(values))
             row = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
+            ended = [FINISHED] if status == TaskStatus.QUEUED else []
+            self.notifier.in_transaction(conn, ended)
+        self.notifier.after_commit(ended)
         return Task.from_row(row)
 
 
