@@ -2,6 +2,7 @@
 
 from gpufleet.errors import (
     Conflict,
+    Forbidden,
     GpufleetError,
     IdempotencyConflict,
     InvalidInput,
@@ -11,6 +12,8 @@ from gpufleet.errors import (
     QuotaExceeded,
     StorageFull,
     TaskFinished,
+    TaskNotFinished,
+    Unauthorized,
     Unavailable,
 )
 
@@ -18,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Conflict",
+    "Forbidden",
     "GpufleetError",
     "IdempotencyConflict",
     "InvalidInput",
@@ -27,6 +31,8 @@ __all__ = [
     "QuotaExceeded",
     "StorageFull",
     "TaskFinished",
+    "TaskNotFinished",
+    "Unauthorized",
     "Unavailable",
     "__version__",
 ]

@@ -7,7 +7,10 @@ GpufleetError                         code             HTTP
 ├── Conflict                          conflict         409
 │   ├── IdempotencyConflict           idempotency_conflict
 │   ├── TaskFinished                  task_finished
+│   ├── TaskNotFinished               task_not_finished
 │   └── LeaseLost                     lease_lost
+├── Unauthorized                      unauthorized     401
+├── Forbidden                         forbidden        403
 ├── QuotaExceeded                     quota_exceeded   429
 └── Unavailable                       unavailable      503
     └── StorageFull                   storage_full     507
@@ -78,10 +81,30 @@ class TaskFinished(Conflict):
     code = "task_finished"
 
 
+class TaskNotFinished(Conflict):
+    """The task's result was asked for while it is still queued or running."""
+
+    code = "task_not_finished"
+
+
 class LeaseLost(Conflict):
     """The worker no longer holds the task's lease (it expired and the task moved on)."""
 
     code = "lease_lost"
+
+
+class Unauthorized(GpufleetError):
+    """No API key, or one that is unknown, malformed or revoked (which of these is not said)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(GpufleetError):
+    """A valid key that may not do this (an admin-only operation)."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 class QuotaExceeded(GpufleetError):

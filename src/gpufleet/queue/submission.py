@@ -163,6 +163,15 @@ class SubmissionOps(QueueCore):
             raise NotFound(f"task {task_id!s:.64} not found", task_id=str(task_id)[:64])
         return Task.from_row(row)
 
+    def get_many(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The tasks that exist among ``task_ids``, in one query (for waiters on many tasks)."""
+        ids = sorted({str(i)[:64] for i in task_ids})
+        if not ids:
+            return {}
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(sa.select(tasks).where(t.id.in_(ids))).mappings().all()
+        return {r["id"]: Task.from_row(r) for r in rows}
+
     def list_tasks(
         self,
         *,

@@ -1,0 +1,1 @@
+"""Visibility: Prometheus metrics of requests, tasks and queues."""

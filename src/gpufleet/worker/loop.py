@@ -1,0 +1,343 @@
+"""The worker loop: claim → dynamic batch → predict → complete, heartbeating while it runs.
+
+One ``Worker`` serves one model version on one device. It pulls: it claims only when it can
+run a batch at once, so the least busy worker takes the next task (the queue is the balancer).
+
+Dynamic batching, as Triton's: a claim takes up to ``max_batch_size`` tasks; when the batch is
+not full the worker waits up to ``max_queue_delay_ms`` for more work (woken by the queue's
+wake-ups, not polling) and claims again, then runs whatever it has.
+
+Failures stay as small as possible:
+- a runner's ``ItemError`` fails that one task (retryable or not, as the runner says);
+- an exception from ``predict`` retries the batch's items one by one, once, and fails
+  (``model_error``) only those that raise again;
+- CUDA out-of-memory halves the batch and retries the halves; a single input that still does not
+  fit goes back to the queue (``out_of_memory``, retryable);
+- an output JSON cannot hold fails that task (``invalid_output``).
+
+Results commit in the background (``Completer``), so the next batch runs while the last one's
+results reach the disk. Heartbeats run on their own thread and report cancel requests and lost
+leases: a task cancelled while queued in this worker's batch is dropped before ``predict``, and
+one cancelled during ``predict`` ends ``cancelled`` when its result arrives.
+
+Stopping (``stop`` set, e.g. SIGTERM): the worker stops claiming, finishes the batch in hand,
+writes its results and returns. ``release_held`` gives back whatever it still holds when its
+grace period runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gpufleet.errors import GpufleetError, InvalidInput, LeaseLost, TaskFinished
+from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory
+from gpufleet.monitor import metrics
+from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    model: str
+    version: str
+    worker_id: str
+    device: str = "cpu"
+    lanes: tuple[str, ...] = (Lane.INTERACTIVE.value, Lane.BATCH.value)
+    max_batch_size: int | None = None  # default: the runner's
+    max_queue_delay_ms: float | None = None  # default: the runner's
+    idle_poll_s: float = 1.0  # the safety-net poll behind wake-ups
+    heartbeat_s: float | None = None  # default: a third of the queue's lease
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: TaskQueue,
+        runner: ModelRunner,
+        config: WorkerConfig,
+        *,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.runner = runner
+        self.config = config
+        self.on_ready = on_ready
+        self.max_batch = config.max_batch_size or runner.batching.max_batch_size
+        delay_ms = config.max_queue_delay_ms
+        if delay_ms is None:
+            delay_ms = runner.batching.max_queue_delay_ms
+        self.max_delay_s = delay_ms / 1000.0
+        self.heartbeat_s = config.heartbeat_s or queue.lease_s / 3
+        self.stats = WorkerStats()
+        self._held: dict[str, Task] = {}  # claimed, result not yet committed
+        self._cancel: set[str] = set()  # held tasks whose cancellation was requested
+        self._lock = threading.Lock()
+        self._completer: Completer | None = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> WorkerStats:
+        """Load, warm up, then serve until ``stop`` is set. Returns when its results are
+        durable."""
+        cfg = self.config
+        self.runner.load(cfg.device)
+        self.runner.warmup()
+        log.info(
+            "worker %s ready: %s@%s on %s (batch %d, delay %.0f ms)",
+            cfg.worker_id,
+            cfg.model,
+            cfg.version,
+            cfg.device,
+            self.max_batch,
+            self.max_delay_s * 1000,
+        )
+        if self.on_ready is not None:
+            self.on_ready()
+        beat_stop = threading.Event()
+        beats = threading.Thread(
+            target=self._heartbeats, args=(beat_stop,), name="heartbeat", daemon=True
+        )
+        beats.start()
+        self._completer = Completer(self.queue, cfg.worker_id)
+        try:
+            while not stop.is_set():
+                batch = self._gather(stop)
+                if batch:
+                    self._run_batch(batch)
+                else:
+                    self.queue.wait_for_work(cfg.model, cfg.version, cfg.idle_poll_s, cfg.lanes)
+        finally:
+            self._completer.close(timeout=self.queue.lease_s)
+            beat_stop.set()
+            beats.join(5)
+            self.release_held()
+        return self.stats
+
+    def _claim(self, n: int) -> list[Task]:
+        cfg = self.config
+        tasks = self.queue.claim(cfg.model, cfg.version, cfg.worker_id, lanes=cfg.lanes, max_n=n)
+        with self._lock:
+            for t in tasks:
+                self._held[t.id] = t
+        return tasks
+
+    def _gather(self, stop: threading.Event) -> list[Task]:
+        batch = self._claim(self.max_batch)
+        if not batch or len(batch) >= self.max_batch or self.max_delay_s <= 0:
+            return batch
+        deadline = time.monotonic() + self.max_delay_s
+        while len(batch) < self.max_batch and not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.queue.notifier.wait(self.config.model, left)
+            batch += self._claim(self.max_batch - len(batch))
+        return batch
+
+    def _run_batch(self, batch: list[Task]) -> None:
+        with self._lock:
+            cancelled = {t.id for t in batch if t.id in self._cancel}
+        for task in batch:
+            if task.id in cancelled:
+                self._acknowledge_cancel(task)
+        live = [t for t in batch if t.id not in cancelled]
+        if not live:
+            return
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(live))
+        metrics.BATCH_SIZE.labels(self.config.model).observe(len(live))
+        now = datetime.now(UTC)
+        for t in live:
+            if t.attempts == 1:  # the first claim: time in the queue, as the user saw it
+                wait = (now - t.created_at).total_seconds()
+                metrics.TASK_SECONDS.labels(t.model, t.lane.value, "queue_wait").observe(wait)
+        outputs = self._predict(live)
+        done: list[tuple[str, Any]] = []
+        for task, out in zip(live, outputs, strict=True):
+            if isinstance(out, ItemError):
+                self._fail(task, TaskError(out.code, out.message), retryable=out.retryable)
+            else:
+                done.append((task.id, out))
+        if done:
+            assert self._completer is not None
+            future = self._completer.submit(done)
+            future.add_done_callback(lambda f: self._completed(live, done, f))
+
+    def _predict(self, batch: list[Task]) -> list[Any]:
+        """Outputs for ``batch``, one per task: a value or an ItemError. Never raises for a
+        model's failure; OOM halves the batch, other errors retry items singly once."""
+        try:
+            started = time.perf_counter()
+            outputs = self.runner.predict([t.input for t in batch])
+            elapsed = time.perf_counter() - started
+            if not isinstance(outputs, list) or len(outputs) != len(batch):
+                got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+                raise TypeError(f"predict returned {got} outputs for {len(batch)} inputs")
+        except Exception as e:
+            if is_out_of_memory(e):
+                self._free_cache()
+                if len(batch) == 1:
+                    log.warning("task %s does not fit in device memory alone", batch[0].id)
+                    return [ItemError("out_of_memory", _short(e), retryable=True)]
+                half = len(batch) // 2
+                log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half,
+                            len(batch) - half)  # fmt: skip
+                return self._predict(batch[:half]) + self._predict(batch[half:])
+            if len(batch) == 1:
+                return [self._single(batch[0], e)]
+            log.warning("predict failed for a batch of %d (%s); retrying one by one",
+                        len(batch), _short(e))  # fmt: skip
+            return [self._single(t, None) for t in batch]
+        for t in batch:
+            metrics.TASK_SECONDS.labels(t.model, t.lane.value, "inference").observe(elapsed)
+        return outputs
+
+    def _single(self, task: Task, error: BaseException | None) -> Any:
+        """One input alone: its output, or ``model_error`` if predict raises (again)."""
+        if error is None:
+            try:
+                outputs = self.runner.predict([task.input])
+                if isinstance(outputs, list) and len(outputs) == 1:
+                    return outputs[0]
+                error = TypeError(f"predict returned {outputs!r:.80} for one input")
+            except Exception as e:
+                if is_out_of_memory(e):
+                    self._free_cache()
+                    return ItemError("out_of_memory", _short(e), retryable=True)
+                error = e
+        log.warning("task %s failed in predict: %s", task.id, _short(error))
+        return ItemError("model_error", _short(error), retryable=False)
+
+    def _free_cache(self) -> None:
+        if self.config.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _completed(
+        self, batch: list[Task], done: list[tuple[str, Any]], future: Future[Completion]
+    ) -> None:
+        """Runs on the completer's thread once a batch's results are committed (or not)."""
+        error = future.exception()
+        if isinstance(error, InvalidInput):  # an output JSON cannot hold: find which
+            report = Completion(())
+            for tid, out in done:
+                try:
+                    self.queue.complete(tid, self.config.worker_id, out)
+                    report = Completion((*report.accepted, tid), report.rejected)
+                except InvalidInput as e:
+                    task = next(t for t in batch if t.id == tid)
+                    self._fail(task, TaskError("invalid_output", e.message), retryable=False)
+                except TaskFinished as e:
+                    report.rejected[tid] = TaskStatus(e.details["status"])
+        elif error is not None:
+            # Unavailable past the retry period: the leases run out and the tasks are retried.
+            log.error("results of %d tasks were not recorded: %s", len(done), error)
+            self._forget([tid for tid, _ in done])
+            return
+        else:
+            report = future.result()
+        finished = datetime.now(UTC)
+        by_id = {t.id: t for t in batch}
+        for tid in report.accepted:
+            task = by_id[tid]
+            with self._lock:
+                was_cancelled = tid in self._cancel
+            status = "cancelled" if was_cancelled else "succeeded"
+            if was_cancelled:
+                self.stats.cancelled += 1
+            else:
+                self.stats.succeeded += 1
+            metrics.TASKS_FINISHED.labels(task.model, task.lane.value, status).inc()
+            total = (finished - task.created_at).total_seconds()
+            metrics.TASK_SECONDS.labels(task.model, task.lane.value, "total").observe(total)
+        self._forget([tid for tid, _ in done])
+
+    def _fail(self, task: Task, error: TaskError, *, retryable: bool) -> None:
+        try:
+            final = self.queue.fail(task.id, self.config.worker_id, error, retryable=retryable)
+        except (LeaseLost, TaskFinished) as e:
+            log.info("task %s: %s", task.id, e)
+        except GpufleetError as e:  # the lease runs out and the task is retried
+            log.error("could not record the failure of task %s: %s", task.id, e)
+        else:
+            if final.is_finished:
+                self.stats.failed += final.status == TaskStatus.FAILED
+                metrics.TASKS_FINISHED.labels(task.model, task.lane.value, final.status).inc()
+        self._forget([task.id])
+
+    def _acknowledge_cancel(self, task: Task) -> None:
+        try:
+            self.queue.acknowledge_cancel(task.id, self.config.worker_id)
+            self.stats.cancelled += 1
+            metrics.TASKS_FINISHED.labels(task.model, task.lane.value, "cancelled").inc()
+        except GpufleetError as e:
+            log.info("task %s: %s", task.id, e)
+        self._forget([task.id])
+
+    def _forget(self, ids: list[str]) -> None:
+        with self._lock:
+            for tid in ids:
+                self._held.pop(tid, None)
+                self._cancel.discard(tid)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        with self._lock:
+            ids = list(self._held)
+        if not ids:
+            return
+        try:
+            beat = self.queue.heartbeat(self.config.worker_id, ids)
+        except GpufleetError as e:  # an outage: the next beat tries again
+            log.warning("heartbeat failed: %s", e)
+            return
+        with self._lock:
+            self._cancel |= beat.cancel_requested
+        if beat.lost:
+            log.warning("lost the lease of %d tasks; they run elsewhere", len(beat.lost))
+
+    def release_held(self) -> list[str]:
+        """Give back every task still held (unstarted, or its result unwritten)."""
+        with self._lock:
+            ids = list(self._held)
+        if not ids:
+            return []
+        try:
+            released = self.queue.release(self.config.worker_id, ids)
+        except GpufleetError as e:  # the leases run out instead
+            log.error("could not release %d tasks: %s", len(ids), e)
+            return []
+        self._forget(ids)
+        if released:
+            log.info("released %d tasks back to the queue", len(released))
+        return released
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."

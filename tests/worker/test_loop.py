@@ -1,0 +1,177 @@
+"""The worker loop, in-process on both databases: dynamic batching, per-item failures, the
+single retry after a batch error, out-of-memory halving, cancellation and draining."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from gpufleet.models import Batching, ItemError, ModelInfo
+from gpufleet.queue import TaskQueue, TaskSpec, TaskStatus
+from gpufleet.store import LocalBlobStore
+from gpufleet.worker import Worker, WorkerConfig
+
+
+class Doubler:
+    """A real (tiny) model: doubles numbers. Inputs steer it to misbehave on purpose:
+    ``"bad"`` is an item error, ``"boom"`` raises for the whole batch, and batches larger than
+    ``oom_above`` raise a CUDA-style out-of-memory error."""
+
+    def __init__(self, max_batch: int = 4, delay_ms: float = 0.0, oom_above: int = 0) -> None:
+        self.info = ModelInfo("double", "1")
+        self.batching = Batching(max_batch, delay_ms)
+        self.oom_above = oom_above
+        self.batches: list[list[Any]] = []
+        self.gate: threading.Event | None = None  # when set, predict waits for it
+        self.entered = threading.Event()
+        self.loaded_on: str | None = None
+
+    def load(self, device: str) -> None:
+        self.loaded_on = device
+
+    def warmup(self) -> None:
+        pass
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        self.batches.append(list(inputs))
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.oom_above and len(inputs) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if "boom" in inputs:
+            raise ValueError("boom in this batch")
+        return [ItemError("bad_input", "no", retryable=False) if x == "bad" else x * 2
+                for x in inputs]  # fmt: skip
+
+
+@pytest.fixture
+def q(engine: Engine, blob_dir: Path) -> Iterator[TaskQueue]:
+    queue = TaskQueue(engine, LocalBlobStore(blob_dir), lease_s=30)
+    yield queue
+    queue.close()
+
+
+def _submit(q: TaskQueue, inputs: list[Any]) -> list[str]:
+    return [s.task.id for s in q.submit_many([TaskSpec("double", "1", x) for x in inputs])]
+
+
+class Running:
+    """A worker on a thread, stopped (drained) on exit."""
+
+    def __init__(self, q: TaskQueue, model: Doubler, **config: Any) -> None:
+        self.ready = threading.Event()
+        cfg = WorkerConfig("double", "1", "w1", idle_poll_s=0.2, **config)
+        self.worker = Worker(q, model, cfg, on_ready=self.ready.set)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.worker.run, args=(self.stop,))
+
+    def __enter__(self) -> Worker:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self.worker
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+def _wait_finished(q: TaskQueue, ids: list[str], timeout: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tasks = q.get_many(ids)
+        if all(t.is_finished for t in tasks.values()):
+            return tasks
+        time.sleep(0.02)
+    raise AssertionError(f"not finished: {[t.status for t in q.get_many(ids).values()]}")
+
+
+def test_tasks_run_in_batches_up_to_the_limit(q: TaskQueue) -> None:
+    ids = _submit(q, list(range(10)))
+    model = Doubler(max_batch=4)
+    with Running(q, model) as worker:
+        tasks = _wait_finished(q, ids)
+    assert model.loaded_on == "cpu"
+    assert [len(b) for b in model.batches] == [4, 4, 2]
+    for i, tid in enumerate(ids):
+        assert tasks[tid].status == TaskStatus.SUCCEEDED
+        assert q.load_result(tasks[tid]) == i * 2
+    assert worker.stats.succeeded == 10
+
+
+def test_a_batch_waits_up_to_the_queue_delay_for_more_work(q: TaskQueue) -> None:
+    model = Doubler(max_batch=8, delay_ms=400)
+    with Running(q, model):
+        first = _submit(q, [1])
+        time.sleep(0.1)  # within the 400 ms the worker waits for a fuller batch
+        second = _submit(q, [2, 3])
+        _wait_finished(q, first + second)
+    assert model.batches == [[1, 2, 3]]
+
+
+def test_an_item_error_fails_that_task_alone(q: TaskQueue) -> None:
+    ids = _submit(q, [1, "bad", 3])
+    with Running(q, Doubler()):
+        tasks = _wait_finished(q, ids)
+    assert [tasks[i].status for i in ids] == ["succeeded", "failed", "succeeded"]
+    bad = tasks[ids[1]]
+    assert bad.error is not None and bad.error.code == "bad_input"
+    assert bad.attempts == 1  # not retryable: no second attempt
+
+
+def test_a_batch_error_retries_items_singly_and_fails_only_the_culprit(q: TaskQueue) -> None:
+    ids = _submit(q, [1, "boom", 3])
+    model = Doubler()
+    with Running(q, model):
+        tasks = _wait_finished(q, ids)
+    assert model.batches == [[1, "boom", 3], [1], ["boom"], [3]]
+    assert [tasks[i].status for i in ids] == ["succeeded", "failed", "succeeded"]
+    err = tasks[ids[1]].error
+    assert err is not None and err.code == "model_error" and "boom" in err.message
+
+
+def test_out_of_memory_halves_the_batch(q: TaskQueue) -> None:
+    ids = _submit(q, list(range(8)))
+    model = Doubler(max_batch=8, oom_above=2)
+    with Running(q, model):
+        tasks = _wait_finished(q, ids)
+    assert all(t.status == TaskStatus.SUCCEEDED for t in tasks.values())
+    assert [len(b) for b in model.batches] == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_cancelling_a_running_task_stops_it(q: TaskQueue) -> None:
+    model = Doubler(max_batch=1)
+    model.gate = threading.Event()
+    [first, second] = _submit(q, [1, 2])
+    with Running(q, model, heartbeat_s=0.05) as worker:
+        assert model.entered.wait(10)  # the first task is in predict
+        q.cancel(first)
+        q.cancel(second)  # queued: ends at once
+        time.sleep(0.2)  # a heartbeat carries the request to the worker
+        model.gate.set()
+        tasks = _wait_finished(q, [first, second])
+    assert tasks[first].status == TaskStatus.CANCELLED
+    assert tasks[first].result is None
+    assert tasks[second].status == TaskStatus.CANCELLED
+    assert worker.stats.cancelled == 1
+
+
+def test_stopping_finishes_the_batch_in_hand(q: TaskQueue) -> None:
+    model = Doubler(max_batch=2)
+    model.gate = threading.Event()
+    ids = _submit(q, [1, 2, 3, 4])
+    running = Running(q, model)
+    with running:
+        assert model.entered.wait(10)
+        running.stop.set()  # drain while the first batch runs
+        model.gate.set()
+    tasks = q.get_many(ids)
+    assert [tasks[i].status for i in ids] == ["succeeded", "succeeded", "queued", "queued"]
+    assert all(t.lease_owner is None for t in tasks.values())
