@@ -84,3 +84,24 @@ def test_concurrent_claimers_never_share_a_task(queue: TaskQueue, engine: Engine
     for name, ids in got.items():
         for tid in ids[:5]:
             assert queue.get(tid).lease_owner == name
+
+
+def test_a_batched_claim_keeps_slots_for_the_batch_lane(queue: TaskQueue) -> None:
+    inter = _submit(queue, 20)
+    batch = _submit(queue, 20, lane="batch")
+    claimed = [t.id for t in queue.claim("m", "1", "w", max_n=8)]
+    # batch_lane_every=4: two of eight slots go to the batch lane; interactive first in the list
+    assert claimed == inter[:6] + batch[:2]
+
+
+def test_slots_the_batch_lane_cannot_fill_go_to_interactive(queue: TaskQueue) -> None:
+    inter = _submit(queue, 20)
+    batch = _submit(queue, 1, lane="batch")
+    claimed = [t.id for t in queue.claim("m", "1", "w", max_n=8)]
+    assert claimed == inter[:7] + batch
+    assert [t.id for t in queue.claim("m", "1", "w", max_n=8)] == inter[7:15]
+
+
+def test_a_batched_claim_without_interactive_work_fills_from_batch(queue: TaskQueue) -> None:
+    batch = _submit(queue, 10, lane="batch")
+    assert [t.id for t in queue.claim("m", "1", "w", max_n=8)] == batch[:8]

@@ -50,26 +50,29 @@ class WorkerOps(QueueCore):
     ) -> list[Task]:
         """Atomically take up to ``max_n`` queued tasks and lease them to ``worker_id``.
 
-        The interactive lane goes first, except that one claim in ``batch_lane_every`` puts
-        the batch lane first, so a busy interactive lane cannot starve batch work. Inputs held
-        in the blob store are loaded into ``Task.input``.
+        The interactive lane goes first, and a busy interactive lane cannot starve batch work:
+        a claim of ``max_n >= batch_lane_every`` keeps one slot in ``batch_lane_every`` for
+        the batch lane (when it has work; otherwise interactive takes them), so interactive
+        tasks never wait a whole extra batch; smaller claims put the batch lane first once in
+        ``batch_lane_every`` claims. Inputs held in the blob store are loaded into
+        ``Task.input``.
         """
         check_name(model, "model")
         check_version(version)
         check_worker_id(worker_id)
         check_int(max_n, "max_n", 1, MAX_CLAIM)
         lease = self.lease_s if lease_s is None else check_lease(lease_s)
-        order = self._lane_order(model, version, [check_lane(lane) for lane in lanes])
+        plan = self._lane_plan(model, version, [check_lane(lane) for lane in lanes], max_n)
         now = self.clock()
         until = now + timedelta(seconds=lease)
         claimed: list[Task] = []
         # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx): a crash
         # between the two leaves the second lane's tasks queued, as if never claimed.
         with self._relaxed_tx() as conn:
-            for lane in order:
-                want = max_n - len(claimed)
+            for lane, cap in plan:
+                want = min(cap, max_n - len(claimed))
                 if want <= 0:
-                    break
+                    continue
                 params = {
                     "p_model": model,
                     "p_version": version,
@@ -87,6 +90,7 @@ class WorkerOps(QueueCore):
                     for r in rows
                 ]
                 claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
+        claimed.sort(key=lambda x: x.lane != Lane.INTERACTIVE)  # stable: interactive first
         return self._with_inputs(worker_id, claimed)
 
     def _with_inputs(self, worker_id: str, claimed: list[Task]) -> list[Task]:
@@ -109,15 +113,26 @@ class WorkerOps(QueueCore):
             raise
         return out
 
-    def _lane_order(self, model: str, version: str, lanes: list[Lane]) -> list[Lane]:
+    def _lane_plan(
+        self, model: str, version: str, lanes: list[Lane], max_n: int
+    ) -> list[tuple[Lane, int]]:
+        """Which lane to claim from, in order, and at most how many from each step."""
         if not lanes:
             raise InvalidInput("lanes must name at least one lane", field="lanes")
         order = sorted(set(lanes), key=[Lane.INTERACTIVE, Lane.BATCH].index)
-        if len(order) == 2:
-            count = self._claims.setdefault((model, version), itertools.count(1))
-            if next(count) % self.batch_lane_every == 0:
-                order.reverse()
-        return order
+        if len(order) == 1:
+            return [(order[0], max_n)]
+        if max_n >= self.batch_lane_every:
+            reserved = max_n // self.batch_lane_every
+            return [
+                (Lane.INTERACTIVE, max_n - reserved),
+                (Lane.BATCH, max_n),
+                (Lane.INTERACTIVE, max_n),  # the batch lane had less than its share
+            ]
+        count = self._claims.setdefault((model, version), itertools.count(1))
+        if next(count) % self.batch_lane_every == 0:
+            order.reverse()
+        return [(lane, max_n) for lane in order]
 
     def heartbeat(
         self, worker_id: str, task_ids: Sequence[str], lease_s: float | None = None
