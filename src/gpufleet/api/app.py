@@ -1,0 +1,392 @@
+"""The FastAPI application: ``create_app(ApiContext(...))``.
+
+The API holds no task state: every request reads or writes the queue, so any number of API
+processes can serve one database. What it keeps in memory is only who is waiting for what
+(``TaskWatcher``) and the deployed models' descriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+
+from gpufleet import __version__
+from gpufleet.api.auth import Principal, authenticator
+from gpufleet.api.errors import BodySizeLimit, install_error_handlers
+from gpufleet.api.schemas import (
+    ErrorBody,
+    Health,
+    InferRequest,
+    ModelList,
+    ModelView,
+    ResultView,
+    SubmitRequest,
+    Submitted,
+    TaskList,
+    TaskOptions,
+    TaskView,
+    WorkerCounts,
+)
+from gpufleet.api.watch import TaskWatcher
+from gpufleet.errors import NotFound, TaskNotFinished
+from gpufleet.models.runtime import Batching, ModelInfo
+from gpufleet.monitor import metrics
+from gpufleet.queue import Task, TaskQueue, TaskSpec, TaskStatus
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 60.0
+SSE_KEEPALIVE_S = 15.0
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    info: ModelInfo
+    batching: Batching
+
+
+@dataclass
+class ApiContext:
+    queue: TaskQueue
+    models: list[DeployedModel]
+    keys: Any = None  # api.keys.KeyStore; None only with insecure_no_auth
+    insecure_no_auth: bool = False
+    max_body_bytes: int = 20 * 1024 * 1024
+    # (model name) -> (ready, total) local workers; None when workers run elsewhere.
+    workers: Callable[[str], tuple[int, int]] | None = None
+    background: list[Callable[[threading.Event], None]] = field(default_factory=list)
+    watch_poll_s: float = 0.5
+
+
+async def _caller(request: Request) -> Principal:
+    principal: Principal = await request.app.state.authenticate(request)
+    return principal
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
+}
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    if ctx.keys is None and not ctx.insecure_no_auth:
+        raise ValueError("an API needs a key store, or insecure_no_auth=True said explicitly")
+    queue = ctx.queue
+    watcher = TaskWatcher(queue, poll_s=ctx.watch_poll_s)
+    models = {m.info.name: m for m in ctx.models}
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher.start()
+        threads = [threading.Thread(target=fn, args=(stop,), daemon=True) for fn in ctx.background]
+        for th in threads:
+            th.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.stop()
+            for th in threads:
+                th.join(5)
+
+    app = FastAPI(
+        title="gpufleet",
+        version=__version__,
+        description="Asynchronous inference on shared GPUs: submit tasks, wait for results.",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=ctx.max_body_bytes)
+    app.state.authenticate = authenticator(ctx.keys, insecure=ctx.insecure_no_auth)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def deployed(name: str, version: str | None) -> DeployedModel:
+        m = models.get(name)
+        if m is None:
+            known = ", ".join(sorted(models)) or "none"
+            raise NotFound(f"model {name!r:.80} is not deployed here; deployed: {known}",
+                           model=name[:80])  # fmt: skip
+        if version is not None and version != m.info.version:
+            raise NotFound(
+                f"model {name} has no version {version!r:.40} deployed; deployed: {m.info.version}",
+                model=name,
+                version=version[:40],
+            )
+        return m
+
+    def spec(caller: Principal, name: str, opts: TaskOptions, value: Any) -> TaskSpec:
+        m = deployed(name, opts.version)
+        return TaskSpec(
+            model=m.info.name,
+            version=m.info.version,
+            input=value,
+            tenant=caller.tenant,
+            lane=opts.lane,
+            priority=opts.priority,
+            idempotency_key=opts.idempotency_key,
+            max_attempts=opts.max_attempts,
+            webhook_url=opts.webhook_url,
+        )
+
+    def submit(s: TaskSpec) -> Submitted:
+        sub = queue.submit(s)
+        if sub.created:
+            metrics.TASKS_SUBMITTED.labels(s.model, str(s.lane)).inc()
+        t = sub.task
+        return Submitted(
+            id=t.id, status=t.status.value, model=t.model, version=t.model_version,
+            created=sub.created,
+        )  # fmt: skip
+
+    def visible(caller: Principal) -> str | None:
+        return None if caller.admin else caller.tenant
+
+    def result_view(t: Task) -> ResultView:
+        error = None
+        if t.error is not None and t.status != TaskStatus.SUCCEEDED:
+            error = {"code": t.error.code, "message": t.error.message}
+        result = queue.load_result(t) if t.status == TaskStatus.SUCCEEDED else None
+        return ResultView.model_validate(
+            {"id": t.id, "status": t.status.value, "result": result, "error": error}
+        )
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    @app.post("/v1/tasks", status_code=202, response_model=Submitted, tags=["tasks"])
+    def submit_task(body: SubmitRequest, caller: Caller, response: Response) -> Submitted:
+        """Queue a task; poll it, stream its events, or get a webhook when it ends."""
+        out = submit(spec(caller, body.model, body, body.input))
+        response.headers["Location"] = f"/v1/tasks/{out.id}"
+        return out
+
+    @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
+    def list_tasks(
+        caller: Caller,
+        status: Annotated[
+            str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+        ] = None,
+        model: Annotated[str | None, Query(max_length=128)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> TaskList:
+        """Your tasks, newest first."""
+        page = queue.list_tasks(
+            tenant=visible(caller), status=status, model=model, limit=limit, cursor=cursor
+        )
+        return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
+
+    @app.get("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
+    def get_task(task_id: str, caller: Caller) -> TaskView:
+        return TaskView.of(queue.get(task_id, tenant=visible(caller)))
+
+    @app.get("/v1/tasks/{task_id}/result", response_model=ResultView, tags=["tasks"])
+    def get_result(task_id: str, caller: Caller) -> ResultView:
+        """The result of a succeeded task. 409 ``task_not_finished`` while it is queued or
+        running; a failed or cancelled task's error otherwise."""
+        t = queue.get(task_id, tenant=visible(caller))
+        if not t.is_finished:
+            raise TaskNotFinished(
+                f"task {t.id} is {t.status.value}; its result is not ready yet",
+                status=t.status.value,
+            )
+        return result_view(t)
+
+    @app.delete("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
+    def cancel_task(task_id: str, caller: Caller) -> TaskView:
+        """Cancel: a queued task ends at once; a running one stops at its next batch."""
+        return TaskView.of(queue.cancel(task_id, tenant=visible(caller)))
+
+    @app.get(
+        "/v1/tasks/{task_id}/events",
+        tags=["tasks"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def task_events(task_id: str, caller: Caller) -> StreamingResponse:
+        """Server-sent events: one ``status`` event (a task object) now and at every change;
+        the stream ends after the task ends."""
+        task = await run_in_threadpool(queue.get, task_id, visible(caller))
+
+        async def stream() -> AsyncIterator[str]:
+            async with watcher.watch(task) as updates:
+                current = await run_in_threadpool(queue.get, task.id)
+                yield _sse("status", TaskView.of(current).model_dump_json())
+                while not current.is_finished:
+                    try:
+                        current = await asyncio.wait_for(updates.get(), SSE_KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield _sse("status", TaskView.of(current).model_dump_json())
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # -- models ------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/models/{name}/infer",
+        tags=["models"],
+        response_model=ResultView,
+        responses={202: {"model": Submitted, "description": "not finished within wait"}},
+    )
+    async def infer(
+        name: str,
+        body: InferRequest,
+        caller: Caller,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 30.0,
+    ) -> Any:
+        """Submit and wait up to ``wait`` seconds: 200 with the outcome if the task ended, else
+        202 with its id (poll it, or stream its events)."""
+        sub = await run_in_threadpool(submit, spec(caller, name, body, body.input))
+        task = await run_in_threadpool(queue.get, sub.id)
+        if not task.is_finished and wait > 0:
+            async with watcher.watch(task) as updates:
+                task = await run_in_threadpool(queue.get, sub.id)  # it may have ended already
+                deadline = time.monotonic() + wait
+                while not task.is_finished:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        task = await asyncio.wait_for(updates.get(), left)
+                    except TimeoutError:
+                        break
+        if not task.is_finished:
+            return JSONResponse(
+                sub.model_copy(update={"status": task.status.value}).model_dump(mode="json"),
+                status_code=202,
+                headers={"Location": f"/v1/tasks/{sub.id}"},
+            )
+        return await run_in_threadpool(result_view, task)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    def list_models(caller: Caller) -> ModelList:
+        """Deployed models: versions, workers, queue depth, input schema and a working example."""
+        stats = queue.stats()
+        out = []
+        for m in ctx.models:
+            depth: dict[str, int] = {}
+            for row in stats.depth:
+                if row.model == m.info.name:
+                    key = f"{row.status.value}_{row.lane.value}"
+                    depth[key] = depth.get(key, 0) + row.count
+            workers = None
+            if ctx.workers is not None:
+                ready, total = ctx.workers(m.info.name)
+                workers = WorkerCounts(ready=ready, total=total)
+            out.append(
+                ModelView(
+                    name=m.info.name,
+                    version=m.info.version,
+                    description=m.info.description,
+                    batching={
+                        "max_batch_size": m.batching.max_batch_size,
+                        "max_queue_delay_ms": m.batching.max_queue_delay_ms,
+                    },
+                    workers=workers,
+                    queue=depth,
+                    input_schema=m.info.input_schema,
+                    example_input=m.info.example_input,
+                )
+            )
+        return ModelList(models=out)
+
+    # -- health and metrics ------------------------------------------------------------------
+
+    @app.get("/livez", tags=["health"])
+    def livez() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/healthz", response_model=Health, tags=["health"], responses={503: {"model": Health}})
+    def healthz() -> Any:
+        """Ready: the database answers and every deployed model has a ready worker."""
+        checks: dict[str, str] = {}
+        ok = True
+        try:
+            queue.stats()
+            checks["database"] = "ok"
+        except Exception as e:
+            checks["database"] = f"unavailable: {type(e).__name__}"
+            ok = False
+        if ctx.workers is not None:
+            for m in ctx.models:
+                ready, total = ctx.workers(m.info.name)
+                checks[f"workers:{m.info.name}"] = f"{ready}/{total} ready"
+                ok = ok and ready > 0
+        body = Health(status="ok" if ok else "unavailable", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    depth_registry = CollectorRegistry()
+    depth_registry.register(_DepthCollector(queue))
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text format: requests, tasks, latencies by stage, queue depth."""
+        return Response(metrics.exposition(depth_registry), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _sse(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
+
+
+class _DepthCollector(Collector):
+    """Queue depth read from the database at scrape time (the database is the truth; every
+    API replica reports the same)."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "gpufleet_queue_depth", "Live tasks by model, lane and state.",
+            labels=["model", "lane", "status"],
+        )  # fmt: skip
+        oldest = GaugeMetricFamily(
+            "gpufleet_queue_oldest_seconds", "Age of the oldest live task by model, lane, state.",
+            labels=["model", "lane", "status"],
+        )  # fmt: skip
+        try:
+            stats = self.queue.stats()
+        except Exception as e:
+            log.warning("queue depth unavailable for /metrics: %s", e)
+            return
+        for row in stats.depth:
+            labels = [row.model, row.lane.value, row.status.value]
+            depth.add_metric(labels, row.count)
+            if row.oldest_age_s is not None:
+                oldest.add_metric(labels, row.oldest_age_s)
+        yield depth
+        yield oldest

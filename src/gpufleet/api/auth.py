@@ -1,0 +1,39 @@
+"""Who is calling: ``Authorization: Bearer KEY`` → a ``Principal`` (tenant, admin).
+
+Keys are checked by ``KeyStore.verify`` (hashed at rest, constant-time comparison). Without a
+key store the server refuses to start, unless ``--insecure-no-auth`` was given: then every
+caller is the admin of tenant ``default``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from gpufleet.api.keys import Principal
+from gpufleet.errors import Unauthorized
+
+__all__ = ["Principal", "authenticator"]
+
+ANONYMOUS = Principal(tenant="default", admin=True, key_id="insecure-no-auth")
+
+
+def authenticator(keys: Any, *, insecure: bool) -> Callable[[Request], Any]:
+    async def principal(request: Request) -> Principal:
+        if insecure:
+            return ANONYMOUS
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized(
+                "send an API key as 'Authorization: Bearer KEY' (gpufleet keys create)"
+            )
+        found: Principal | None = await run_in_threadpool(keys.verify, key.strip())
+        if found is None:
+            raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
+        return found
+
+    return principal

@@ -1,0 +1,250 @@
+"""The supervisor: one worker process per slot per deployed model, kept alive, drained on stop.
+
+A slot is a GPU (the worker sees only that GPU: ``CUDA_VISIBLE_DEVICES``) or, on a host without
+GPUs, a CPU slot. ``workers_per_slot`` > 1 runs several workers on one GPU (small models that
+leave it idle between batches).
+
+A worker that exits on its own is restarted with exponential backoff (1 s doubling to 60 s,
+back to 1 s after a minute of healthy running), so a model that crashes at load does not spin.
+The tasks it held are not lost: their leases expire and the queue hands them on.
+
+``stop`` drains: SIGTERM to every worker (each stops claiming, finishes its batch, writes its
+results, and releases the rest at the end of its grace period), then SIGKILL for any still
+running a little after the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str  # "cpu0", "gpu0"
+    device: str  # what the worker loads onto: "cpu" or "cuda:0"
+    visible_gpu: str | None = None  # CUDA_VISIBLE_DEVICES for the worker
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.visible_gpu is not None
+
+
+def discover_slots(cpu_slots: int = 1) -> list[Slot]:
+    """The local GPUs (via ``nvidia-smi``: no CUDA library is loaded in this process), or
+    ``cpu_slots`` CPU slots when there are none."""
+    gpus = _nvidia_smi_indices()
+    if gpus:
+        return [Slot(f"gpu{i}", "cuda:0", visible_gpu=i) for i in gpus]
+    return [Slot(f"cpu{i}", "cpu") for i in range(max(1, cpu_slots))]
+
+
+def _nvidia_smi_indices() -> list[str]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    found = [line.strip() for line in out.splitlines() if line.strip()]
+    if visible is not None:
+        allowed = {v.strip() for v in visible.split(",") if v.strip()}
+        found = [i for i in found if i in allowed]
+    return found
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model to serve: ``spec`` is ``builtin:NAME`` or a model directory."""
+
+    spec: str
+    name: str
+    version: str
+    lanes: tuple[str, ...] = ("interactive", "batch")
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    deployment: Deployment
+    slot: Slot
+    proc: subprocess.Popen[str] | None = None
+    state: str = "starting"  # starting | ready | backoff | stopped
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff_s: float = BACKOFF_MIN_S
+    last_exit: int | None = None
+    _reader: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        deployments: list[Deployment],
+        slots: list[Slot],
+        *,
+        workers_per_slot: int = 1,
+        env: Mapping[str, str] | None = None,
+        grace_s: float = 30.0,
+        poll_s: float = 0.2,
+    ) -> None:
+        self.env = dict(os.environ if env is None else env)
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.workers: list[WorkerHandle] = []
+        host = os.uname().nodename
+        for dep in deployments:
+            for slot in slots:
+                for k in range(workers_per_slot):
+                    wid = f"{host}/{dep.name}@{dep.version}/{slot.name}.{k}/{os.getpid()}"
+                    self.workers.append(WorkerHandle(wid, dep, slot))
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, w: WorkerHandle) -> None:
+        env = dict(self.env)
+        if w.slot.visible_gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = w.slot.visible_gpu
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpufleet.worker.process",
+            "--model",
+            w.deployment.spec,
+            "--worker-id",
+            w.worker_id,
+            "--device",
+            w.slot.device,
+            "--lanes",
+            ",".join(w.deployment.lanes),
+            "--grace-s",
+            str(self.grace_s),
+        ]
+        w.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        )
+        w.state, w.started_at = "starting", time.monotonic()
+        w._reader = threading.Thread(target=self._read, args=(w, w.proc), daemon=True)
+        w._reader.start()
+        log.info("started worker %s (pid %d)", w.worker_id, w.proc.pid)
+
+    def _read(self, w: WorkerHandle, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                with self._lock:
+                    if w.proc is proc:
+                        w.state = "ready"
+
+    def _watch(self) -> None:
+        from gpufleet.monitor.metrics import mark_process_dead
+
+        while not self._stopping.wait(self.poll_s):
+            now = time.monotonic()
+            with self._lock:
+                for w in self.workers:
+                    if w.state == "backoff":
+                        if now >= w.next_start:
+                            w.restarts += 1
+                            self._spawn(w)
+                        continue
+                    if w.proc is None or w.proc.poll() is None:
+                        if w.state == "ready" and now - w.started_at > HEALTHY_AFTER_S:
+                            w.backoff_s = BACKOFF_MIN_S
+                        continue
+                    w.last_exit = w.proc.returncode
+                    mark_process_dead(w.proc.pid)
+                    w.state, w.next_start = "backoff", now + w.backoff_s
+                    log.warning(
+                        "worker %s exited with %s; restarting in %.0fs",
+                        w.worker_id,
+                        w.last_exit,
+                        w.backoff_s,
+                    )
+                    w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
+
+    def status(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [
+                {
+                    "worker_id": w.worker_id,
+                    "model": w.deployment.name,
+                    "version": w.deployment.version,
+                    "slot": w.slot.name,
+                    "device": w.slot.device,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "restarts": w.restarts,
+                }
+                for w in self.workers
+            ]
+
+    def ready_count(self, model: str) -> int:
+        with self._lock:
+            return sum(1 for w in self.workers if w.deployment.name == model and w.state == "ready")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until every worker has loaded and warmed up its model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(w.state == "ready" for w in self.workers):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain every worker: SIGTERM, wait up to the grace period (plus time to release),
+        then SIGKILL the rest."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        grace = self.grace_s if grace_s is None else grace_s
+        with self._lock:
+            procs = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+            for w in self.workers:
+                w.state = "stopped"
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5.0
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in time; killing it", p.pid)
+                p.kill()
+                p.wait(10)
