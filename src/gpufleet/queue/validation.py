@@ -58,6 +58,10 @@ def check_name(value: object, field: str, rule: tuple[re.Pattern[str], str] = _N
     return value
 
 
+def check_tenant(value: object) -> str:
+    return check_name(value, "tenant", _TENANT)
+
+
 def check_int(value: object, field: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidInput(

@@ -85,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        """The supervisor died without stopping us (SIGKILL): drain as if told to."""
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                logging.getLogger(__name__).warning("supervisor is gone; draining")
+                on_signal(signal.SIGTERM, None)
+                return
+
+    threading.Thread(target=orphaned, name="orphan-watch", daemon=True).start()
     worker.run(stop)
     queue.close()
     return 0

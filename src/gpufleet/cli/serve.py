@@ -1,0 +1,169 @@
+"""``gpufleet serve``: the API and one worker per slot per model, in one command.
+
+With no arguments: SQLite and blobs under the data dir, the built-in demo model, every local
+GPU (or one CPU slot), the API on 127.0.0.1:8080.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from gpufleet.cli.context import console, fail, reported_errors, state
+
+DEFAULT_MODEL = "builtin:digits"
+
+
+def serve(
+    ctx: typer.Context,
+    model: list[str] = typer.Option(
+        [], "--model", help="A model directory with a model.yaml, or builtin:NAME (repeatable)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
+    cpu_slots: int = typer.Option(
+        1, "--cpu-slots", min=1, max=256, help="Worker slots on a host without GPUs."
+    ),
+    workers_per_gpu: int = typer.Option(
+        1, "--workers-per-gpu", min=1, max=64, help="Workers per slot (GPU or CPU slot)."
+    ),
+    grace_s: float = typer.Option(
+        30.0, "--grace", min=0, help="Seconds a stopping worker may finish its batch."
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve without API keys (every caller is admin)."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+) -> None:
+    """Serve models: HTTP API, durable queue and GPU workers."""
+    settings = state(ctx).settings
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    run_dir = settings.data_dir / "run"
+    # Before anything imports gpufleet.monitor.metrics (see there): workers inherit it.
+    from gpufleet.monitor.metrics_setup import use_multiprocess_dir
+
+    use_multiprocess_dir(run_dir / "metrics")
+    with reported_errors():
+        import uvicorn
+
+        from gpufleet.api.app import ApiContext, DeployedModel, create_app
+        from gpufleet.api.keys import KeyStore
+        from gpufleet.api.webhooks import WebhookDispatcher
+        from gpufleet.queue import LeaseReaper, TaskQueue
+        from gpufleet.store import upgrade
+        from gpufleet.worker.process import load_runner
+        from gpufleet.worker.supervisor import Deployment, Supervisor, discover_slots
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        queue = TaskQueue.from_settings(settings)
+        upgrade(queue.engine)
+        specs = model or [DEFAULT_MODEL]
+        deployed: list[DeployedModel] = []
+        deployments: list[Deployment] = []
+        for spec in specs:
+            spec = spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve())
+            runner = load_runner(spec)  # reads model.yaml and imports; loads no weights
+            if any(d.info.name == runner.info.name for d in deployed):
+                fail(f"invalid_input: model {runner.info.name} is given twice")
+            deployed.append(DeployedModel(runner.info, runner.batching))
+            deployments.append(Deployment(spec, runner.info.name, runner.info.version))
+        keys = KeyStore(queue.engine)
+        new_admin_key = None
+        if not insecure_no_auth and keys.count_active() == 0:
+            _, new_admin_key = keys.create("default", admin=True, name="first admin key")
+
+        slots = discover_slots(cpu_slots)
+        env = dict(os.environ)
+        env["GPUFLEET_DATA_DIR"] = str(settings.data_dir)
+        env["GPUFLEET_DATABASE_URL"] = settings.resolved_database_url()
+        env["GPUFLEET_BLOB_DIR"] = str(settings.resolved_blob_dir())
+        supervisor = Supervisor(
+            deployments, slots, workers_per_slot=workers_per_gpu, env=env, grace_s=grace_s
+        )
+
+        def workers(name: str) -> tuple[int, int]:
+            total = sum(1 for w in supervisor.workers if w.deployment.name == name)
+            return supervisor.ready_count(name), total
+
+        reaper = LeaseReaper(queue)
+        webhooks = WebhookDispatcher(queue)
+        app = create_app(
+            ApiContext(
+                queue=queue,
+                models=deployed,
+                keys=None if insecure_no_auth else keys,
+                insecure_no_auth=insecure_no_auth,
+                max_body_bytes=settings.max_input_bytes + 1024 * 1024,
+                workers=workers,
+                background=[webhooks.run],
+            )
+        )
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level.lower(), access_log=False
+        )
+        server = _server_class()(config)
+
+    base = f"http://{host}:{port}"
+    lines = [
+        f"[bold]gpufleet[/bold] serving {', '.join(d.info.name for d in deployed)}",
+        f"API        {base}/v1   (docs: {base}/docs)",
+        f"health     {base}/healthz   metrics: {base}/metrics",
+        f"database   {_safe_url(settings.resolved_database_url())}",
+        f"workers    {len(supervisor.workers)} on "
+        + ", ".join(f"{s.name} ({s.device})" for s in slots),
+    ]
+    if insecure_no_auth:
+        lines.append("[bold red]auth       OFF (--insecure-no-auth): anyone can call this API")
+    elif new_admin_key:
+        lines.append(f"admin key  [bold]{new_admin_key}[/bold]  (shown once; store it now)")
+    else:
+        lines.append("auth       API keys (gpufleet keys create --tenant NAME)")
+    example = json.dumps({"input": deployed[0].info.example_input})
+    lines.append(
+        f"try        curl -H 'Authorization: Bearer KEY' -H 'Content-Type: application/json' "
+        f"-d '{example}' '{base}/v1/models/{deployed[0].info.name}/infer?wait=10'"
+    )
+    console.rule("gpufleet")
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
+    console.rule()
+    supervisor.start()
+    reaper.start()
+    try:
+        server.run()  # until SIGINT / SIGTERM
+    finally:
+        console.print("stopping: draining workers")
+        supervisor.stop()
+        reaper.stop()
+        queue.close()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM / SIGINT once it has stopped serving, which would kill
+        this process before it drains its workers; here the signal only stops serving."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return Server
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for the banner and logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

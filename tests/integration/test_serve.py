@@ -1,0 +1,217 @@
+"""``gpufleet serve`` end to end on loopback: the API, the supervisor and real worker processes
+serving the built-in demo model on SQLite."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.queue import TaskQueue
+from gpufleet.store import LocalBlobStore, create_engine
+from tests.integration.serve_helpers import Serve, serving, wait_done
+
+pytestmark = pytest.mark.slow
+
+SEVEN = {"prompt": "a handwritten 7", "seed": 1, "steps": 8}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    """One server for the tests that do not stop or kill anything."""
+    with serving(tmp_path_factory.mktemp("serve"), "--cpu-slots", "2") as s:
+        yield s
+
+
+def test_submit_then_result_for_the_demo_model(served: Serve) -> None:
+    with served.client() as c:
+        r = c.post("/v1/tasks", json={"model": "digits", "input": SEVEN})
+        assert r.status_code == 202, r.text
+        tid = r.json()["id"]
+        assert r.headers["location"] == f"/v1/tasks/{tid}"
+        [view] = wait_done(c, [tid]).values()
+        assert view["status"] == "succeeded"
+        out = c.get(f"/v1/tasks/{tid}/result").json()["result"]
+    assert out["digit"] == 7
+    assert base64.b64decode(out["png_base64"]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_infer_waits_for_the_result(served: Serve) -> None:
+    with served.client() as c:
+        r = c.post("/v1/models/digits/infer", params={"wait": 30}, json={"input": SEVEN})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "succeeded"
+    assert r.json()["result"]["digit"] == 7
+
+
+def test_models_lists_the_demo_with_a_working_example(served: Serve) -> None:
+    with served.client() as c:
+        [model] = c.get("/v1/models").json()["models"]
+        assert model["name"] == "digits"
+        assert model["workers"] == {"ready": 2, "total": 2}
+        r = c.post("/v1/models/digits/infer", json={"input": model["example_input"]})
+    assert r.json()["status"] == "succeeded"
+
+
+def test_interactive_goes_ahead_of_a_batch_backlog(served: Serve) -> None:
+    slow = {"prompt": "3", "steps": 100}
+    with served.client() as c:
+        backlog = [
+            c.post("/v1/tasks", json={"model": "digits", "input": slow, "lane": "batch"}).json()[
+                "id"
+            ]
+            for _ in range(400)
+        ]
+        r = c.post("/v1/models/digits/infer", params={"wait": 60}, json={"input": SEVEN})
+        assert r.json()["status"] == "succeeded"
+        done_at = c.get(f"/v1/tasks/{r.json()['id']}").json()["finished_at"]
+        views = wait_done(c, backlog)
+    # Submitted last, the interactive task finished ahead of much of the backlog.
+    later = [v for v in views.values() if v["finished_at"] > done_at]
+    assert len(later) > 100
+
+
+def test_cancel_a_queued_task(served: Serve) -> None:
+    with served.client() as c:
+        ids = [
+            c.post("/v1/tasks", json={"model": "digits", "input": SEVEN, "lane": "batch"}).json()[
+                "id"
+            ]
+            for _ in range(200)
+        ]
+        r = c.delete(f"/v1/tasks/{ids[-1]}")
+        assert r.status_code == 200
+        views = wait_done(c, ids)
+    assert views[ids[-1]]["status"] == "cancelled"
+    assert c is not None
+
+
+def test_idempotent_submit(served: Serve) -> None:
+    body = {"model": "digits", "input": SEVEN, "idempotency_key": "order-17"}
+    with served.client() as c:
+        first = c.post("/v1/tasks", json=body).json()
+        again = c.post("/v1/tasks", json=body).json()
+        other = c.post("/v1/tasks", json={**body, "input": {"prompt": "1"}})
+    assert first["created"] and not again["created"]
+    assert again["id"] == first["id"]
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_tenants_see_only_their_own_tasks(served: Serve) -> None:
+    keys = {}
+    for tenant in ("acme", "globex"):
+        out = subprocess.run(
+            [sys.executable, "-m", "gpufleet", "keys", "create", "--tenant", tenant, "--json"],
+            env={**os.environ, "GPUFLEET_DATA_DIR": str(served.data_dir)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        keys[tenant] = json.loads(out.stdout)["key"]
+    with served.client(keys["acme"]) as acme, served.client(keys["globex"]) as globex:
+        tid = acme.post("/v1/tasks", json={"model": "digits", "input": SEVEN}).json()["id"]
+        assert acme.get(f"/v1/tasks/{tid}").status_code == 200
+        for method in ("GET", "DELETE"):
+            r = globex.request(method, f"/v1/tasks/{tid}")
+            assert r.status_code == 404
+            assert r.json()["error"]["code"] == "not_found"
+        assert tid not in {t["id"] for t in globex.get("/v1/tasks").json()["tasks"]}
+    with served.client("gfk_000000000000_not-a-real-key") as nobody:
+        r = nobody.get("/v1/tasks")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+
+
+class _Hooks(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hooks.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_webhook_is_called_when_the_task_ends(served: Serve) -> None:
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    try:
+        with served.client() as c:
+            tid = c.post(
+                "/v1/tasks", json={"model": "digits", "input": SEVEN, "webhook_url": hook}
+            ).json()["id"]
+            deadline = time.monotonic() + 30
+            while not _Hooks.received and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+    [call] = _Hooks.received
+    assert call["id"] == tid
+    assert call["status"] == "succeeded"
+    assert call["result"]["digit"] == 7
+
+
+def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path) -> None:
+    with serving(tmp_path, "--cpu-slots", "2", env={"GPUFLEET_LEASE_S": "2"}) as s:
+        with s.client() as c:
+            ids = [
+                c.post("/v1/tasks", json={"model": "digits",
+                                          "input": {"prompt": "5", "steps": 50}}).json()["id"]
+                for _ in range(150)
+            ]  # fmt: skip
+            time.sleep(1.0)  # workers are mid-batch
+            victim = s.workers()[0]
+            os.kill(victim, signal.SIGKILL)
+            views = wait_done(c, ids, timeout=180)
+            assert all(v["status"] == "succeeded" for v in views.values())
+            # the supervisor restarted the killed worker
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                [m] = c.get("/v1/models").json()["models"]
+                if m["workers"]["ready"] == 2:
+                    break
+                time.sleep(0.2)
+            assert m["workers"]["ready"] == 2
+        assert victim not in s.workers()
+
+
+def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> None:
+    s = Serve(tmp_path, "--cpu-slots", "1", "--grace", "10").start()
+    with s.client() as c:
+        ids = [
+            c.post("/v1/tasks", json={"model": "digits", "input": {"prompt": "2", "steps": 50},
+                                      "lane": "batch"}).json()["id"]
+            for _ in range(300)
+        ]  # fmt: skip
+        time.sleep(1.0)
+    started = time.monotonic()
+    assert s.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 20
+    assert "stopping: draining workers" in s.output()
+    # Nothing is left leased to the stopped workers: finished, or back in the queue.
+    q = TaskQueue(create_engine(f"sqlite:///{tmp_path / 'gpufleet.db'}"),
+                  LocalBlobStore(tmp_path / "blobs"))  # fmt: skip
+    states = {t.status.value for t in q.get_many(ids).values()}
+    q.close()
+    assert states <= {"succeeded", "queued"}
+    assert "queued" in states
+    # Restart on the same data dir: the rest runs, nothing is lost.
+    with serving(tmp_path, "--cpu-slots", "1") as again, again.client(s.key) as c:
+        done = wait_done(c, ids, timeout=240)
+    assert all(v["status"] == "succeeded" for v in done.values())
