@@ -22,9 +22,9 @@ system-deps:
 		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	fi
 
+# The API on 127.0.0.1:8080 and a worker serving the demo model, on SQLite under the data dir.
 serve: install
-	$(BIN)/gpufleet db upgrade
-	$(BIN)/gpufleet queue stats
+	$(BIN)/gpufleet serve
 
 lint: install
 	$(BIN)/ruff check src tests bench
