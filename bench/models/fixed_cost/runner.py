@@ -13,7 +13,7 @@ import numpy as np
 
 from gpufleet.models import Batching, ModelInfo
 
-BATCH_COST_MS = float(os.environ.get("FIXED_COST_MS", "100"))
+BATCH_COST_MS = float(os.environ.get("FIXED_COST_MS", "400"))
 
 
 class FixedCost:

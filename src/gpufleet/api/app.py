@@ -45,6 +45,7 @@ from gpufleet.errors import NotFound, TaskNotFinished
 from gpufleet.models.runtime import Batching, ModelInfo
 from gpufleet.monitor import metrics
 from gpufleet.queue import Task, TaskQueue, TaskSpec, TaskStatus
+from gpufleet.queue.batcher import SubmitBatcher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         raise ValueError("an API needs a key store, or insecure_no_auth=True said explicitly")
     queue = ctx.queue
     watcher = TaskWatcher(queue, poll_s=ctx.watch_poll_s)
+    # Concurrent submits share one durable commit (see queue/batcher.py).
+    batcher = SubmitBatcher(queue)
     models = {m.info.name: m for m in ctx.models}
     stop = threading.Event()
 
@@ -102,6 +105,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         finally:
             stop.set()
             watcher.stop()
+            batcher.close()
             for th in threads:
                 th.join(5)
 
@@ -155,7 +159,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
 
     def submit(s: TaskSpec) -> Submitted:
-        sub = queue.submit(s)
+        sub = batcher.submit(s)
         if sub.created:
             metrics.TASKS_SUBMITTED.labels(s.model, str(s.lane)).inc()
         t = sub.task

@@ -1,0 +1,79 @@
+"""``SubmitBatcher``: concurrent submits share one durable commit (group commit).
+
+Every accepted task must survive a power cut, so each submit waits for a disk flush (about
+7 ms on the VMs we measure on). SQLite has no group commit of its own and takes one writer at
+a time, so an API serving many clients at once would accept about 140 tasks a second however
+many threads it has. The batcher's thread takes every submit that arrived while the previous
+commit was flushing and writes them in one transaction: callers still return only once their
+task is durable, and under load one flush covers dozens of them.
+
+A submit that fails (an idempotency conflict, a tenant over quota, a bad input) must not fail
+the others of its group: a group that raises is retried one submit at a time, so each caller
+gets its own outcome.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+from gpufleet.queue.tasks import Submission, TaskSpec
+
+if TYPE_CHECKING:
+    from gpufleet.queue.submission import SubmissionOps
+
+_Item = tuple[TaskSpec, "Future[Submission]"]
+
+
+class SubmitBatcher:
+    def __init__(self, queue: SubmissionOps, *, max_group: int = 256) -> None:
+        self.queue = queue
+        self.max_group = max_group
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="submit-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, spec: TaskSpec) -> Submission:
+        """Submit and wait until the task is durable, as ``TaskQueue.submit`` does."""
+        future: Future[Submission] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("submit batcher is closed")
+            self._pending.append((spec, future))
+            self._cond.notify()
+        return future.result()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                group = [
+                    self._pending.popleft() for _ in range(min(self.max_group, len(self._pending)))
+                ]
+            self._commit(group)
+
+    def _commit(self, group: list[_Item]) -> None:
+        try:
+            results = self.queue.submit_many([spec for spec, _ in group])
+        except BaseException as e:
+            if len(group) == 1:
+                group[0][1].set_exception(e)
+                return
+            for item in group:  # each caller gets its own outcome
+                self._commit([item])
+            return
+        for (_, future), result in zip(group, results, strict=True):
+            future.set_result(result)
