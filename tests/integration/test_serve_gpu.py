@@ -4,6 +4,7 @@ workers on one GPU, and they serve tasks on CUDA."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,12 @@ pytestmark = [
 def test_two_demo_workers_share_one_gpu(tmp_path: Path) -> None:
     env = {"CUDA_VISIBLE_DEVICES": "0"}
     with serving(tmp_path, "--workers-per-gpu", "2", env=env) as s, s.client() as c:
-        [model] = c.get("/v1/models").json()["models"]
+        deadline = time.monotonic() + 60  # ready once one worker is; wait for the second
+        while time.monotonic() < deadline:
+            [model] = c.get("/v1/models").json()["models"]
+            if model["workers"]["ready"] == 2:
+                break
+            time.sleep(0.2)
         assert model["workers"] == {"ready": 2, "total": 2}
         ids = [
             c.post("/v1/tasks", json={"model": "digits",
