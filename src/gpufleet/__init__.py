@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 from gpufleet.errors import (
+    ApiError,
     Conflict,
     Forbidden,
     GpufleetError,
@@ -13,10 +14,14 @@ from gpufleet.errors import (
     PayloadTooLarge,
     QuotaExceeded,
     StorageFull,
+    StreamStalled,
+    TaskCancelled,
+    TaskFailed,
     TaskFinished,
     TaskNotFinished,
     Unauthorized,
     Unavailable,
+    WaitTimeout,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +41,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ApiError",
     "AsyncClient",
     "Client",
     "Conflict",
@@ -48,9 +54,13 @@ __all__ = [
     "PayloadTooLarge",
     "QuotaExceeded",
     "StorageFull",
+    "StreamStalled",
+    "TaskCancelled",
+    "TaskFailed",
     "TaskFinished",
     "TaskNotFinished",
     "Unauthorized",
     "Unavailable",
+    "WaitTimeout",
     "__version__",
 ]

@@ -30,6 +30,7 @@ from gpufleet.api.schemas import (
     TaskView,
 )
 from gpufleet.errors import (
+    ApiError,
     Conflict,
     Forbidden,
     GpufleetError,
@@ -40,10 +41,14 @@ from gpufleet.errors import (
     PayloadTooLarge,
     QuotaExceeded,
     StorageFull,
+    StreamStalled,
+    TaskCancelled,
+    TaskFailed,
     TaskFinished,
     TaskNotFinished,
     Unauthorized,
     Unavailable,
+    WaitTimeout,
 )
 
 __all__ = ["ApiError", "AsyncClient", "Client", "TaskCancelled", "TaskFailed", "WaitTimeout"]
@@ -53,39 +58,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # connection is dead, and waiting reconnects.
 STREAM_READ_TIMEOUT_S = 45.0
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-
-
-class ApiError(GpufleetError):
-    """An error response whose code this client does not know (a newer server, a proxy)."""
-
-    code = "api_error"
-
-    def __init__(self, code: str, message: str, http_status: int, /, **details: Any) -> None:
-        super().__init__(message, **details)
-        # ``code`` and ``http_status`` are class attributes for the known errors; here they are
-        # the server's, so they live on the instance.
-        self.__dict__.update(code=code, http_status=http_status)
-
-
-class TaskFailed(GpufleetError):
-    """``run``: the task ended ``failed``; ``details`` has its id and its error."""
-
-    code = "task_failed"
-    http_status = 200
-
-
-class TaskCancelled(GpufleetError):
-    """``run``: the task was cancelled before it produced a result."""
-
-    code = "task_cancelled"
-    http_status = 200
-
-
-class WaitTimeout(GpufleetError, TimeoutError):
-    """``wait`` / ``run``: the task did not end within the timeout (it goes on running)."""
-
-    code = "wait_timeout"
-    http_status = 200
 
 
 _ERRORS: dict[str, type[GpufleetError]] = {
@@ -129,7 +101,7 @@ def error_from_response(response: httpx.Response) -> GpufleetError:
         details["retry_after_s"] = int(retry_after)
     cls = _ERRORS.get(code) or (_BY_STATUS.get(status) if code.startswith("http_") else None)
     if cls is None:
-        return ApiError(code, message, status, **details)
+        return ApiError(message, code=code, **details)
     return cls(message, **details)
 
 
@@ -146,10 +118,6 @@ def _unavailable(url: str, exc: httpx.TransportError) -> Unavailable:
     if isinstance(exc, httpx.TimeoutException):
         return Unavailable(f"no answer from the gpufleet API at {url} in time: {reason}", url=url)
     return Unavailable(f"request to the gpufleet API at {url} failed: {reason}", url=url)
-
-
-class _StreamStalled(Unavailable):
-    """An event stream that went quiet for longer than the keep-alives allow."""
 
 
 def _options(**values: Any) -> dict[str, Any]:
@@ -314,7 +282,7 @@ class Client(_Base):
                     if arrived:
                         yield view
         except httpx.ReadTimeout as e:
-            raise _StreamStalled(f"the event stream of {task_id} at {self.url} went quiet") from e
+            raise StreamStalled(f"the event stream of {task_id} at {self.url} went quiet") from e
         except httpx.TransportError as e:
             raise _unavailable(self.url, e) from e
 
@@ -346,7 +314,7 @@ class Client(_Base):
                         # the deadline (each opening repeats the current state first).
                         if left + 1.0 < read:
                             break
-            except _StreamStalled:
+            except StreamStalled:
                 pass  # a dead connection: reconnect
             time.sleep(0.05)  # a stream cut short (server restarting): do not spin
 
@@ -476,7 +444,7 @@ class AsyncClient(_Base):
                     if view is not None:
                         yield view
         except httpx.ReadTimeout as e:
-            raise _StreamStalled(f"the event stream of {task_id} at {self.url} went quiet") from e
+            raise StreamStalled(f"the event stream of {task_id} at {self.url} went quiet") from e
         except httpx.TransportError as e:
             raise _unavailable(self.url, e) from e
 
@@ -497,7 +465,7 @@ class AsyncClient(_Base):
                                 on_update(view)
                             if view.status in FINISHED:
                                 return await self.result(task_id)
-                    except _StreamStalled:
+                    except StreamStalled:
                         pass  # a dead connection: reconnect (the first event repeats the state)
                     await asyncio.sleep(0.05)  # a stream cut short (server restarting)
         except TimeoutError:

@@ -12,8 +12,13 @@ GpufleetError                         code             HTTP
 ├── Unauthorized                      unauthorized     401
 ├── Forbidden                         forbidden        403
 ├── QuotaExceeded                     quota_exceeded   429
+├── ApiError (client)                 api_error        502 (or the server's code and status)
+├── TaskFailed (client: run)          task_failed      409
+├── TaskCancelled (client: run)       task_cancelled   409
+├── WaitTimeout (client: wait, run)   wait_timeout     504
 └── Unavailable                       unavailable      503
-    └── StorageFull                   storage_full     507
+    ├── StorageFull                   storage_full     507
+    └── StreamStalled (client)        stream_stalled
 
 The API maps any of these to ``{"error": {"code": ..., "message": ...}}`` in one place, and the
 CLI prints ``code: message``. Codes never change once released; add a subclass for a new one.
@@ -124,3 +129,47 @@ class StorageFull(Unavailable):
 
     code = "storage_full"
     http_status = 507
+
+
+# Raised by gpufleet.Client (the client side of the API).
+
+
+class ApiError(GpufleetError):
+    """An error response whose code this client does not know (a newer server, a proxy)."""
+
+    code = "api_error"
+    http_status = 502
+
+    def __init__(self, message: str, /, *, code: str = "api_error", **details: Any) -> None:
+        super().__init__(message, **details)
+        # ``code`` and ``http_status`` are class attributes for the known errors; here they are
+        # the server's (``details["http_status"]``), so they live on the instance.
+        status = details.get("http_status", type(self).http_status)
+        self.__dict__.update(code=code, http_status=int(status))
+
+
+class TaskFailed(GpufleetError):
+    """``run``: the task ended ``failed``; ``details`` has its id and its error."""
+
+    code = "task_failed"
+    http_status = 409
+
+
+class TaskCancelled(GpufleetError):
+    """``run``: the task was cancelled before it produced a result."""
+
+    code = "task_cancelled"
+    http_status = 409
+
+
+class WaitTimeout(GpufleetError, TimeoutError):
+    """``wait`` / ``run``: the task did not end within the timeout (it goes on running)."""
+
+    code = "wait_timeout"
+    http_status = 504
+
+
+class StreamStalled(Unavailable):
+    """An event stream that went quiet for longer than the keep-alives allow."""
+
+    code = "stream_stalled"

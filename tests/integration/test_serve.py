@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.queue import TaskQueue
+from gpufleet.queue import TaskQueue, TaskSpec
 from gpufleet.store import LocalBlobStore, create_engine
 from tests.integration.serve_helpers import Serve, serving, wait_done
 
@@ -193,20 +193,16 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path) -> None:
 
 def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> None:
     s = Serve(tmp_path, "--cpu-slots", "1", "--grace", "10").start()
-    with s.client() as c:
-        ids = [
-            c.post("/v1/tasks", json={"model": "digits", "input": {"prompt": "2", "steps": 50},
-                                      "lane": "batch"}).json()["id"]
-            for _ in range(300)
-        ]  # fmt: skip
-        time.sleep(1.0)
+    q = TaskQueue(create_engine(f"sqlite:///{tmp_path / 'gpufleet.db'}"),
+                  LocalBlobStore(tmp_path / "blobs"))  # fmt: skip
+    slow = TaskSpec("digits", "1", {"prompt": "2", "steps": 100}, lane="batch")
+    ids = [sub.task.id for sub in q.submit_many([slow] * 600)]  # more than 10 s of work
+    time.sleep(1.0)
     started = time.monotonic()
     assert s.stop(signal.SIGTERM, timeout=30) == 0
     assert time.monotonic() - started < 20
     assert "stopping: draining workers" in s.output()
     # Nothing is left leased to the stopped workers: finished, or back in the queue.
-    q = TaskQueue(create_engine(f"sqlite:///{tmp_path / 'gpufleet.db'}"),
-                  LocalBlobStore(tmp_path / "blobs"))  # fmt: skip
     states = {t.status.value for t in q.get_many(ids).values()}
     q.close()
     assert states <= {"succeeded", "queued"}
