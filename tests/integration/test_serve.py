@@ -211,3 +211,22 @@ def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> Non
     with serving(tmp_path, "--cpu-slots", "1") as again, again.client(s.key) as c:
         done = wait_done(c, ids, timeout=240)
     assert all(v["status"] == "succeeded" for v in done.values())
+
+
+def test_cancel_a_running_task(tmp_path: Path) -> None:
+    model = Path(__file__).resolve().parents[2] / "bench" / "models" / "fixed_cost"
+    env = {"FIXED_COST_MS": "3000", "GPUFLEET_LEASE_S": "3"}  # heartbeats every second
+    with serving(tmp_path, "--model", str(model), env=env) as s, s.client() as c:
+        tid = c.post("/v1/tasks", json={"model": "fixed-cost", "input": {"n": 1}}).json()["id"]
+        deadline = time.monotonic() + 30
+        while c.get(f"/v1/tasks/{tid}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = c.delete(f"/v1/tasks/{tid}")
+        assert r.status_code == 200
+        assert r.json()["cancel_requested"] is True
+        [view] = wait_done(c, [tid], timeout=30).values()
+        assert view["status"] == "cancelled"
+        r = c.get(f"/v1/tasks/{tid}/result")
+        assert r.json()["status"] == "cancelled"
+        assert r.json()["result"] is None

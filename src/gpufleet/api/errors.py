@@ -102,28 +102,33 @@ class BodySizeLimit:
                 if too_big:
                     await self._refuse(scope, receive, send)
                     return
+        # Read the body before the app sees it (FastAPI reads JSON bodies whole anyway), so a
+        # body over the limit is refused before any of it is parsed, Content-Length or not.
+        body: list[bytes] = []
         seen = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                break  # the client went away: let the app see it
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
                 await self._refuse(scope, receive, send)
+                return
+            body.append(chunk)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(body), "more_body": False}
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -133,7 +138,3 @@ class BodySizeLimit:
             limit=self.max_bytes,
         )
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
