@@ -43,6 +43,8 @@ from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQue
 
 log = logging.getLogger(__name__)
 
+_Results = tuple[list[Task], list[tuple[str, Any]]]  # a batch's tasks, and (id, output) pairs
+
 
 @dataclass
 class WorkerConfig:
@@ -117,12 +119,21 @@ class Worker:
         beats.start()
         self._completer = Completer(self.queue, cfg.worker_id)
         try:
+            # The next batch is claimed before the last one's results are handed on: a claim
+            # made while the results' durable commit holds SQLite's write lock waited for that
+            # disk flush, at every batch. The slot is free either way.
+            results: _Results | None = None
             while not stop.is_set():
                 batch = self._gather(stop)
+                if results is not None:
+                    self._hand_on(results)
+                    results = None
                 if batch:
-                    self._run_batch(batch)
+                    results = self._run_batch(batch)
                 else:
                     self.queue.wait_for_work(cfg.model, cfg.version, cfg.idle_poll_s, cfg.lanes)
+            if results is not None:
+                self._hand_on(results)
         finally:
             self._completer.close(timeout=self.queue.lease_s)
             beat_stop.set()
@@ -151,7 +162,8 @@ class Worker:
             batch += self._claim(self.max_batch - len(batch))
         return batch
 
-    def _run_batch(self, batch: list[Task]) -> None:
+    def _run_batch(self, batch: list[Task]) -> _Results | None:
+        """Run ``batch``; failures are recorded here, results are returned to hand on."""
         with self._lock:
             cancelled = {t.id for t in batch if t.id in self._cancel}
         for task in batch:
@@ -159,7 +171,7 @@ class Worker:
                 self._acknowledge_cancel(task)
         live = [t for t in batch if t.id not in cancelled]
         if not live:
-            return
+            return None
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(live))
         metrics.BATCH_SIZE.labels(self.config.model).observe(len(live))
@@ -175,10 +187,14 @@ class Worker:
                 self._fail(task, TaskError(out.code, out.message), retryable=out.retryable)
             else:
                 done.append((task.id, out))
-        if done:
-            assert self._completer is not None
-            future = self._completer.submit(done)
-            future.add_done_callback(lambda f: self._completed(live, done, f))
+        return (live, done) if done else None
+
+    def _hand_on(self, results: _Results) -> None:
+        """Results to the completer, which commits them in the background."""
+        live, done = results
+        assert self._completer is not None
+        future = self._completer.submit(done)
+        future.add_done_callback(lambda f: self._completed(live, done, f))
 
     def _predict(self, batch: list[Task]) -> list[Any]:
         """Outputs for ``batch``, one per task: a value or an ItemError. Never raises for a
