@@ -145,3 +145,35 @@ def test_webhook_url_is_stored_and_pending(queue: TaskQueue) -> None:
     stored = queue.get(task.id)
     assert stored.webhook_url == "http://127.0.0.1:9/hook"
     assert stored.webhook_state == "pending"
+
+
+@pytest.mark.parametrize("how", ["complete", "fail", "cancel_queued", "cancel_running"])
+def test_a_webhook_becomes_due_when_the_task_ends(
+    queue: TaskQueue, engine: Engine, clock: FakeClock, how: str
+) -> None:
+    import sqlalchemy as sa
+
+    from gpufleet.queue import TaskError
+    from gpufleet.store import tasks
+
+    def due(tid: str) -> object:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.select(tasks.c.webhook_next_at).where(tasks.c.id == tid)
+            ).scalar_one()
+
+    tid = queue.submit(TaskSpec("m", "1", None, webhook_url="http://127.0.0.1:9/h")).task.id
+    assert due(tid) is None  # nothing to deliver while it runs
+    if how != "cancel_queued":
+        queue.claim("m", "1", "w")
+        assert due(tid) is None
+    if how == "complete":
+        queue.complete(tid, "w", 1)
+    elif how == "fail":
+        queue.fail(tid, "w", TaskError("boom", "x"), retryable=False)
+    elif how == "cancel_queued":
+        queue.cancel(tid)
+    else:
+        queue.cancel(tid)
+        queue.acknowledge_cancel(tid, "w")
+    assert due(tid) == clock.now

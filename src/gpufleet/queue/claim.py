@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from gpufleet.errors import Conflict, InvalidInput, LeaseLost, NotFound, TaskFinished
 from gpufleet.queue import sql
-from gpufleet.queue.core import QueueCore
+from gpufleet.queue.core import QueueCore, webhook_due
 from gpufleet.queue.notify import CHANNEL, FINISHED
 from gpufleet.queue.tasks import Completion, Heartbeat, Lane, Task, TaskError, TaskStatus
 from gpufleet.queue.validation import (
@@ -300,6 +300,9 @@ class WorkerOps(QueueCore):
                         else_=TaskStatus.QUEUED.value,
                     ),
                     finished_at=sa.case((t.cancel_requested, now), else_=None),
+                    webhook_next_at=sa.case(
+                        (t.cancel_requested, webhook_due(now)), else_=t.webhook_next_at
+                    ),
                     attempts=t.attempts - 1,
                     not_before=now,
                     lease_owner=None,

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from gpufleet.queue.notify import Notifier, notifier_for
@@ -18,8 +19,15 @@ from gpufleet.queue.tasks import Task, TaskError, TaskStatus
 from gpufleet.queue.validation import Limits
 from gpufleet.store.blobs import BlobStore
 from gpufleet.store.engine import autocommit, relaxed_engine, write_tx
+from gpufleet.store.schema import tasks
 
 Clock = Callable[[], datetime]
+
+
+def webhook_due(now: datetime | sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The value of ``webhook_next_at`` when a task ends: due now if a webhook is owed. Until
+    then it is NULL, so the dispatcher's index holds only deliveries that can be made."""
+    return sa.case((tasks.c.webhook_state == "pending", now), else_=tasks.c.webhook_next_at)
 
 
 def utcnow() -> datetime:
@@ -95,6 +103,7 @@ class QueueCore:
         return {
             "status": TaskStatus.FAILED.value,
             "finished_at": now,
+            "webhook_next_at": webhook_due(now),
             "lease_owner": None,
             "lease_expires_at": None,
             "error_code": error.code,
@@ -106,6 +115,7 @@ class QueueCore:
         return {
             "status": TaskStatus.CANCELLED.value,
             "finished_at": now,
+            "webhook_next_at": webhook_due(now),
             "lease_owner": None,
             "lease_expires_at": None,
         }

@@ -103,6 +103,7 @@ FINISH_WITH_RESULT = (
         result=sa.bindparam("b_result"),
         result_ref=sa.bindparam("b_ref"),
         finished_at=_now,
+        webhook_next_at=sa.case((t.webhook_state == "pending", _now), else_=t.webhook_next_at),
         lease_owner=None,
         lease_expires_at=None,
         error_code=None,
@@ -163,6 +164,8 @@ PG_COMPLETE_BATCH = sa.text(
         result = CASE WHEN tasks.cancel_requested THEN NULL ELSE v.result END,
         result_ref = CASE WHEN tasks.cancel_requested THEN NULL ELSE v.result_ref END,
         finished_at = :p_now,
+        webhook_next_at = CASE WHEN tasks.webhook_state = 'pending' THEN :p_now
+                               ELSE tasks.webhook_next_at END,
         lease_owner = NULL,
         lease_expires_at = NULL,
         error_code = NULL,

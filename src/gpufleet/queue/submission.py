@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from gpufleet.errors import IdempotencyConflict, NotFound, QuotaExceeded, TaskFinished
 from gpufleet.queue import sql
-from gpufleet.queue.core import QueueCore
+from gpufleet.queue.core import QueueCore, webhook_due
 from gpufleet.queue.ids import new_task_id
 from gpufleet.queue.notify import FINISHED
 from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
@@ -118,7 +118,7 @@ class SubmissionOps(QueueCore):
             "webhook_url": p.spec.webhook_url,
             "webhook_state": "pending" if p.spec.webhook_url else None,
             "webhook_attempts": 0,
-            "webhook_next_at": now if p.spec.webhook_url else None,
+            "webhook_next_at": None,  # set when the task ends
         }
 
     @staticmethod
@@ -214,7 +214,11 @@ class SubmissionOps(QueueCore):
                 raise TaskFinished(f"task {task_id} already {status}", status=status)
             values: dict[str, Any] = {"cancel_requested": True}
             if status == TaskStatus.QUEUED:
-                values |= {"status": TaskStatus.CANCELLED.value, "finished_at": now}
+                values |= {
+                    "status": TaskStatus.CANCELLED.value,
+                    "finished_at": now,
+                    "webhook_next_at": webhook_due(now),
+                }
             if status != TaskStatus.CANCELLED:
                 conn.execute(sa.update(tasks).where(t.id == task_id).values(values))
             row = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
