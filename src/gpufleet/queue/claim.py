@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gpufleet.errors import Conflict, InvalidInput, LeaseLost, NotFound, TaskFinished
+from gpufleet.errors import (
+    Conflict,
+    GpufleetError,
+    InvalidInput,
+    LeaseLost,
+    NotFound,
+    TaskFinished,
+)
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore, webhook_due
 from gpufleet.queue.notify import CHANNEL, FINISHED
@@ -35,6 +43,7 @@ from gpufleet.store.schema import tasks
 
 t = tasks.c
 MAX_CLAIM = 1000
+log = logging.getLogger(__name__)
 
 
 class WorkerOps(QueueCore):
@@ -183,7 +192,10 @@ class WorkerOps(QueueCore):
         refs = {tid: self.blobs.put(encoded[tid]) for tid in big}
         if self.engine.dialect.name == "postgresql":
             with autocommit(self.engine) as conn:  # one statement, one durable commit
-                return self._complete_batch_pg(conn, now, encoded, refs)
+                report = self._complete_batch_pg(conn, now, encoded, refs)
+            if report.accepted:
+                self._notify_finished_pg()
+            return report
         params: list[dict[str, Any]] = [
             {"b_id": tid, "b_result": None if tid in refs else res, "b_ref": refs.get(tid)}
             for tid, res in results
@@ -221,9 +233,8 @@ class WorkerOps(QueueCore):
             else f'{{"id":{json.dumps(tid)},"result":{doc.decode()}}}'
             for tid, doc in encoded.items()
         )
-        params = {"p_now": now, "p_rows": f"[{rows}]", "p_channel": CHANNEL, "p_topic": FINISHED}
-        done = conn.execute(sql.PG_COMPLETE_BATCH, params).scalars()
-        accepted = set(done)
+        params = {"p_now": now, "p_rows": f"[{rows}]"}
+        accepted = set(conn.execute(sql.PG_COMPLETE_BATCH, params).scalars())
         rest = [tid for tid in encoded if tid not in accepted]
         rejected: dict[str, TaskStatus] = {}
         if rest:  # rare: someone else finished them first, or they do not exist
@@ -233,6 +244,20 @@ class WorkerOps(QueueCore):
             }
             _raise_missing(set(rest) - set(rejected))
         return Completion(tuple(tid for tid in encoded if tid in accepted), rejected)
+
+    def _notify_finished_pg(self) -> None:
+        """Wake result waiters after the results' commit, in a transaction of its own that does
+        not wait for the disk. Inside the durable commit, NOTIFY would serialise every
+        worker's completions behind one lock held through each disk flush (PostgreSQL takes it
+        at commit for transactions that notify): 16 claimers lost a third of their throughput.
+        If this process dies in between, waiters find the results at their next poll."""
+        try:
+            with self._relaxed_tx() as conn:
+                conn.exec_driver_sql(
+                    "SELECT pg_notify(%(ch)s, %(topic)s)", {"ch": CHANNEL, "topic": FINISHED}
+                )
+        except GpufleetError as e:  # the results are committed: never fail the caller
+            log.warning("could not send the 'finished' wake-up: %s", e)
 
     def fail(self, task_id: str, worker_id: str, error: TaskError, *, retryable: bool) -> Task:
         """Report a failed attempt. Retryable failures go back to the queue with exponential

@@ -175,9 +175,7 @@ PG_COMPLETE_BATCH = sa.text(
       AND NOT EXISTS (SELECT 1 FROM v LEFT JOIN tasks t2 ON t2.id = v.id WHERE t2.id IS NULL)
     RETURNING tasks.id
     )
-    -- The "finished" wake-up for result waiters, sent on commit, in the same round trip.
-    -- PostgreSQL folds identical notifications of one transaction into one.
-    SELECT done.id FROM done CROSS JOIN (SELECT pg_notify(:p_channel, :p_topic)) AS n
+    SELECT done.id FROM done
     """
 ).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
 
