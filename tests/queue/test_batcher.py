@@ -84,3 +84,32 @@ def test_a_closed_batcher_refuses(queue: TaskQueue) -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(TaskSpec("m", "1", 1))
+
+
+def test_an_outage_fails_the_whole_group_at_once(queue: TaskQueue) -> None:
+    from gpufleet.errors import Unavailable
+
+    calls: list[int] = []
+
+    def down(specs: Sequence[TaskSpec]) -> list[Submission]:
+        calls.append(len(specs))
+        raise Unavailable("the task database is unavailable: test outage")
+
+    queue.submit_many = down  # type: ignore[method-assign]
+    batcher = SubmitBatcher(queue)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            batcher.submit(TaskSpec("m", "1", 1))
+        except Unavailable as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    batcher.close()
+    assert len(errors) == 10
+    assert sum(calls) == 10  # never retried one by one

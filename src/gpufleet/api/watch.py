@@ -89,6 +89,8 @@ class TaskWatcher:
         tasks = self.queue.get_many(ids)
         with self._lock:
             for tid, task in tasks.items():
+                if tid not in self._waiters:  # its last waiter left meanwhile
+                    continue
                 state = (task.status.value, task.cancel_requested)
                 if self._seen.get(tid) == state:
                     continue

@@ -107,8 +107,15 @@ def serve(
                 background=[webhooks.run],
             )
         )
+        # Open event streams last as long as their task: without a bound on the graceful
+        # shutdown, one open stream would keep the workers from draining on SIGTERM.
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level.lower(), access_log=False
+            app,
+            host=host,
+            port=port,
+            log_level=log_level.lower(),
+            access_log=False,
+            timeout_graceful_shutdown=5,
         )
         server = _server_class()(config)
 

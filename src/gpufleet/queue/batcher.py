@@ -8,8 +8,9 @@ commit was flushing and writes them in one transaction: callers still return onl
 task is durable, and under load one flush covers dozens of them.
 
 A submit that fails (an idempotency conflict, a tenant over quota, a bad input) must not fail
-the others of its group: a group that raises is retried one submit at a time, so each caller
-gets its own outcome.
+the others of its group: such a group is retried one submit at a time, so each caller gets
+its own outcome. An outage fails the whole group at once (retrying it one by one would hold
+every caller for as many lock timeouts as the group has submits).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from gpufleet.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from gpufleet.queue.tasks import Submission, TaskSpec
 
 if TYPE_CHECKING:
@@ -68,12 +70,16 @@ class SubmitBatcher:
     def _commit(self, group: list[_Item]) -> None:
         try:
             results = self.queue.submit_many([spec for spec, _ in group])
-        except BaseException as e:
+        except (InvalidInput, Conflict, NotFound, QuotaExceeded) as e:
             if len(group) == 1:
                 group[0][1].set_exception(e)
                 return
-            for item in group:  # each caller gets its own outcome
+            for item in group:  # one caller's bad request: each gets its own outcome
                 self._commit([item])
+            return
+        except BaseException as e:  # an outage or a bug: the same for all, at once
+            for _, future in group:
+                future.set_exception(e)
             return
         for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)

@@ -102,9 +102,12 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
-                    raise
+                    raise Unavailable(f"the task database failed to start a write: {e}") from e
                 if time.monotonic() > deadline:
-                    raise
+                    raise Unavailable(
+                        f"the task database stayed locked by another process for "
+                        f"{SQLITE_BUSY_TIMEOUT_MS / 1000:.0f} s"
+                    ) from e
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.002)
     finally:

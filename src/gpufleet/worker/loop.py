@@ -124,14 +124,23 @@ class Worker:
             # disk flush, at every batch. The slot is free either way.
             results: _Results | None = None
             while not stop.is_set():
-                batch = self._gather(stop)
+                try:
+                    batch = self._gather(stop)
+                except GpufleetError as e:  # an outage: keep the model loaded, try again
+                    log.warning("claim failed: %s; retrying", e)
+                    batch = []
+                    stop.wait(1.0)
                 if results is not None:
                     self._hand_on(results)
                     results = None
                 if batch:
                     results = self._run_batch(batch)
-                else:
+                    continue
+                try:
                     self.queue.wait_for_work(cfg.model, cfg.version, cfg.idle_poll_s, cfg.lanes)
+                except GpufleetError as e:
+                    log.warning("waiting for work failed: %s; retrying", e)
+                    stop.wait(1.0)
             if results is not None:
                 self._hand_on(results)
         finally:
@@ -265,6 +274,9 @@ class Worker:
                     self._fail(task, TaskError("invalid_output", e.message), retryable=False)
                 except TaskFinished as e:
                     report.rejected[tid] = TaskStatus(e.details["status"])
+                except GpufleetError as e:  # its lease runs out and it is retried
+                    log.error("result of task %s not recorded: %s", tid, e)
+                    self._forget([tid])
         elif error is not None:
             # Unavailable past the retry period: the leases run out and the tasks are retried.
             log.error("results of %d tasks were not recorded: %s", len(done), error)
@@ -320,7 +332,10 @@ class Worker:
 
     def _heartbeats(self, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
-            self.heartbeat()
+            try:
+                self.heartbeat()
+            except Exception:  # never let leases lapse because of one bad beat
+                log.exception("heartbeat failed; trying again")
 
     def heartbeat(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,12 @@ class Supervisor:
             str(self.grace_s),
         ]
         w.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",  # a model printing bytes must not stop us draining its pipe
         )
         w.state, w.started_at = "starting", time.monotonic()
         w._reader = threading.Thread(target=self._read, args=(w, w.proc), daemon=True)
@@ -173,28 +179,32 @@ class Supervisor:
         from gpufleet.monitor.metrics import mark_process_dead
 
         while not self._stopping.wait(self.poll_s):
-            now = time.monotonic()
             with self._lock:
                 for w in self.workers:
-                    if w.state == "backoff":
-                        if now >= w.next_start:
-                            w.restarts += 1
-                            self._spawn(w)
-                        continue
-                    if w.proc is None or w.proc.poll() is None:
-                        if w.state == "ready" and now - w.started_at > HEALTHY_AFTER_S:
-                            w.backoff_s = BACKOFF_MIN_S
-                        continue
-                    w.last_exit = w.proc.returncode
-                    mark_process_dead(w.proc.pid)
-                    w.state, w.next_start = "backoff", now + w.backoff_s
-                    log.warning(
-                        "worker %s exited with %s; restarting in %.0fs",
-                        w.worker_id,
-                        w.last_exit,
-                        w.backoff_s,
-                    )
-                    w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
+                    try:
+                        self._check(w, time.monotonic(), mark_process_dead)
+                    except Exception:  # e.g. fork failed: try again on the next round
+                        log.exception("supervising worker %s failed", w.worker_id)
+                        w.state, w.next_start = "backoff", time.monotonic() + w.backoff_s
+
+    def _check(self, w: WorkerHandle, now: float, mark_process_dead: Any) -> None:
+        """Restart ``w`` if its backoff is over; notice if it exited."""
+        if w.state == "backoff":
+            if now >= w.next_start:
+                w.restarts += 1
+                self._spawn(w)
+            return
+        if w.proc is None or w.proc.poll() is None:
+            if w.state == "ready" and now - w.started_at > HEALTHY_AFTER_S:
+                w.backoff_s = BACKOFF_MIN_S
+            return
+        w.last_exit = w.proc.returncode
+        mark_process_dead(w.proc.pid)
+        w.state, w.next_start = "backoff", now + w.backoff_s
+        log.warning(
+            "worker %s exited with %s; restarting in %.0fs", w.worker_id, w.last_exit, w.backoff_s
+        )
+        w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
 
     def status(self) -> list[dict[str, object]]:
         with self._lock:
@@ -247,4 +257,5 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.warning("worker pid %d did not stop in time; killing it", p.pid)
                 p.kill()
-                p.wait(10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(10)
