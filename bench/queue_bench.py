@@ -16,24 +16,18 @@ Wake-up latency is the time from a submit committing to an idle claimer (blocked
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import bench_pgqueuer, bench_procrastinate
+from _report import pct, report, result
 
 from gpufleet.queue import Completer, TaskQueue, TaskSpec
 from gpufleet.store import LocalBlobStore, create_engine, upgrade
@@ -41,7 +35,6 @@ from gpufleet.testing import PostgresServer
 
 CLAIM_BATCH = 10
 ctx = mp.get_context("spawn")
-console = Console()
 
 
 def _open(url: str, blobs: str) -> TaskQueue:
@@ -151,11 +144,6 @@ def wakeup_latency(url: str, blobs: str, n: int) -> list[float]:
     return lat
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
@@ -247,29 +235,7 @@ def run(quick: bool) -> dict[str, Any]:
         "pg_wakeup_p50_ms": ("<=", 5.0),
         "sqlite_wakeup_p50_ms": ("<=", 5.0),
     }
-    return {
-        "bench": "queue_bench",
-        "machine": {
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "quick": quick,
-            "tasks": n,
-        },
-        "metrics": {k: round(v, 3) for k, v in metrics.items()},
-        "targets": {
-            name: {
-                "value": round(metrics[name], 3),
-                "op": op,
-                "target": target,
-                "met": metrics[name] >= target if op == ">=" else metrics[name] <= target,
-            }
-            for name, (op, target) in targets.items()
-        },
-        "_rows": rows,
-    }
+    return {**result("queue_bench", metrics, targets, quick=quick, tasks=n), "_rows": rows}
 
 
 def main() -> None:
@@ -277,19 +243,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
-    result = run(args.quick)
-    rows = result.pop("_rows")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    detail = Table("measurement", "result", "target", title="queue_bench: all measurements")
-    for r in rows:
-        detail.add_row(*r)
-    console.print(detail)
-    table = Table("figure", "value", "target", "met", title="queue_bench: targets")
-    for name, t in result["targets"].items():
-        table.add_row(name, f"{t['value']:.2f}", f"{t['op']} {t['target']}", str(t["met"]))
-    console.print(table)
+    outcome = run(args.quick)
+    rows = outcome.pop("_rows")
+    report(outcome, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -30,24 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
-from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "models" / "fixed_cost"
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(MODEL_DIR))
-console = Console()
+from _report import pct, report, result  # noqa: E402
+
 KEY_RE = re.compile(r"admin key\s+(gfk_[A-Za-z0-9_\-]+)")
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def _free_port() -> int:
@@ -275,29 +267,7 @@ def run(quick: bool, device: str) -> dict[str, Any]:
         ),
         ("backlog submit rate", f"{metrics['backlog_submit_per_s']:,.0f} tasks/s", ""),
     ]
-    return {
-        "bench": "serve_bench",
-        "machine": {
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "quick": quick,
-            "device": device,
-        },
-        "metrics": {k: round(v, 3) for k, v in metrics.items()},
-        "targets": {
-            name: {
-                "value": round(metrics[name], 3),
-                "op": op,
-                "target": target,
-                "met": metrics[name] >= target if op == ">=" else metrics[name] <= target,
-            }
-            for name, (op, target) in targets.items()
-        },
-        "_rows": rows,
-    }
+    return {**result("serve_bench", metrics, targets, quick=quick, device=device), "_rows": rows}
 
 
 def main() -> None:
@@ -307,19 +277,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    result = run(args.quick, args.device)
-    rows = result.pop("_rows")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    detail = Table("measurement", "result", "target", title="serve_bench: all measurements")
-    for r in rows:
-        detail.add_row(*r)
-    console.print(detail)
-    table = Table("figure", "value", "target", "met", title="serve_bench: targets")
-    for name, t in result["targets"].items():
-        table.add_row(name, f"{t['value']:.2f}", f"{t['op']} {t['target']}", str(t["met"]))
-    console.print(table)
+    outcome = run(args.quick, args.device)
+    rows = outcome.pop("_rows")
+    report(outcome, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -114,7 +115,8 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
-_write_locks: dict[str, threading.Lock] = {}
+_write_locks: dict[str, threading.Lock] = {}  # by database file: engines on one file share
+_engine_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 _write_locks_guard = threading.Lock()
 
 
@@ -125,9 +127,12 @@ def _sqlite_write_lock(engine: Engine) -> AbstractContextManager[object]:
     at once, and only processes (API, workers) contend in SQLite."""
     if engine.dialect.name != "sqlite":
         return nullcontext()
-    key = str(Path(engine.url.database or "").expanduser().resolve())
-    with _write_locks_guard:
-        return _write_locks.setdefault(key, threading.Lock())
+    lock = _engine_locks.get(engine)  # resolved once per engine: this is every write's path
+    if lock is None:
+        key = str(Path(engine.url.database or "").expanduser().resolve())
+        with _write_locks_guard:
+            lock = _engine_locks[engine] = _write_locks.setdefault(key, threading.Lock())
+    return lock
 
 
 @contextmanager
