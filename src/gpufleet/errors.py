@@ -12,6 +12,8 @@ GpufleetError                         code             HTTP
 ├── Unauthorized                      unauthorized     401
 ├── Forbidden                         forbidden        403
 ├── QuotaExceeded                     quota_exceeded   429
+├── IntegrityError                    integrity_error  500 (a stored file's digest is wrong)
+├── IncompatibleGpu                   incompatible_gpu 422 (model needs another GPU or CUDA)
 ├── ApiError (client)                 api_error        502 (or the server's code and status)
 ├── TaskFailed (client: run)          task_failed      409
 ├── TaskCancelled (client: run)       task_cancelled   409
@@ -115,6 +117,21 @@ class Forbidden(GpufleetError):
 class QuotaExceeded(GpufleetError):
     code = "quota_exceeded"
     http_status = 429
+
+
+class IntegrityError(GpufleetError):
+    """A stored artifact's bytes do not match their recorded digest: refused, never served."""
+
+    code = "integrity_error"
+    http_status = 500
+
+
+class IncompatibleGpu(GpufleetError):
+    """A model cannot run on this device (compute capability, CUDA version, precision); the
+    message names what was found, what is needed, and the remedy."""
+
+    code = "incompatible_gpu"
+    http_status = 422
 
 
 class Unavailable(GpufleetError):

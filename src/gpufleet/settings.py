@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; default: a SQLite file under the data dir",
     )
     blob_dir: Path | None = Field(default=None, description="default: DATA_DIR/blobs")
+    registry_dir: Path | None = Field(default=None, description="default: DATA_DIR/registry")
+    # Versions of each model `models package` keeps (tagged versions are always kept).
+    keep_versions: int = Field(default=10, ge=1)
 
     # Task inputs above this size go to the blob store and the row keeps a reference.
     inline_input_limit: int = Field(default=64 * 1024, ge=1024)
@@ -40,7 +43,7 @@ class Settings(BaseSettings):
     # Queued tasks one tenant may have before submits get 429 quota_exceeded; 0: no limit.
     max_queued_per_tenant: int = Field(default=100_000, ge=0)
 
-    @field_validator("data_dir", "blob_dir")
+    @field_validator("data_dir", "blob_dir", "registry_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
@@ -52,3 +55,6 @@ class Settings(BaseSettings):
 
     def resolved_blob_dir(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
+
+    def resolved_registry_dir(self) -> Path:
+        return self.registry_dir or self.data_dir / "registry"

@@ -54,7 +54,7 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
         self.key = ""
 
-    def start(self, timeout: float = 90) -> Serve:
+    def start(self, timeout: float = 90, ready_path: str = "/healthz") -> Serve:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -66,7 +66,7 @@ class Serve:
             if not self.key and (m := KEY_RE.search(self.output())):
                 self.key = m.group(1)
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
                     return self
             time.sleep(0.2)
         raise TimeoutError(f"serve not ready in {timeout}s:\n{self.output()}")

@@ -117,11 +117,13 @@ def test_builtin_models() -> None:
     [
         ("model: [unclosed", "is not valid YAML"),
         ("- just\n- a list\n", "(top level): must be a mapping"),
-        ("promote: {}\n", "model: Field required"),
-        (MODEL_YAML.replace("  name: echo\n", ""), "model.name: Field required"),
-        (MODEL_YAML.replace("1.4.2", "1.10"), "model.version: Value error, quote the version"),
+        ("promote: {}\n", "model: required"),
+        (MODEL_YAML.replace("  name: echo\n", ""), "model.name: required"),
+        (MODEL_YAML.replace("1.4.2", "1.10"), "model.version: quote the version"),
+        (MODEL_YAML.replace("name: echo", "name: Echo!"), "model.name: 'Echo!' is not allowed"),
+        (MODEL_YAML.replace("  description", "  descripton"), "model.descripton: unknown key"),
         (MODEL_YAML.replace("format: python", "format: tensorflow"), "model.format: Input should"),
-        (MODEL_YAML.replace("format: python", "format: onnx"), "format 'onnx' cannot be loaded"),
+        (MODEL_YAML.replace("format: python", "format: onnx"), "runtime only applies to format"),
         (MODEL_YAML.replace("  runtime: python:runner.py:EchoRunner\n", ""), "needs runtime"),
         (MODEL_YAML.replace("python:runner.py", "java:runner.py"), "expected 'python:"),
         (MODEL_YAML.replace("runner.py:", "missing.py:"), "cannot import 'missing.py'"),
@@ -129,8 +131,8 @@ def test_builtin_models() -> None:
         (MODEL_YAML.replace("runner.py:", "no_such_pkg.mod:"), "No module named 'no_such_pkg'"),
         (MODEL_YAML.replace("EchoRunner", "Nope"), "has no class 'Nope'"),
         (MODEL_YAML.replace("EchoRunner", "NotARunner"), "does not implement gpufleet.ModelRunner"),
-        (MODEL_YAML.replace("max_batch_size: 16", "max_batch_size: 0"), "max_batch_size must be"),
-        (MODEL_YAML.replace("max_batch_size: 16", "max_batch_size: '16'"), "max_batch_size"),
+        (MODEL_YAML.replace("max_batch_size: 16", "max_batch_size: 0"), "greater than or equal"),
+        (MODEL_YAML.replace("max_batch_size: 16", "max_batch_size: 2000"), "max_batch_size: In"),
     ],
 )
 def test_bad_model_yaml_says_which_file_and_field(

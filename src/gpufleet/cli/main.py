@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from gpufleet import __version__
-from gpufleet.cli import db, keys, queue, serve, tasks
+from gpufleet.cli import db, keys, models, queue, serve, tasks
 from gpufleet.cli.context import CliState, console, load_settings
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 app.add_typer(queue.app, name="queue")
 app.add_typer(keys.app, name="keys")
+app.add_typer(models.app, name="models")
 app.command("serve")(serve.serve)
 app.command("submit")(tasks.submit)
 app.command("status")(tasks.status)

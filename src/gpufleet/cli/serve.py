@@ -23,7 +23,10 @@ DEFAULT_MODEL = "builtin:digits"
 def serve(
     ctx: typer.Context,
     model: list[str] = typer.Option(
-        [], "--model", help="A model directory with a model.yaml, or builtin:NAME (repeatable)."
+        [],
+        "--model",
+        help="NAME[@VERSION|@TAG] from the registry, a model directory with a model.yaml, "
+        "or builtin:NAME (repeatable).",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
@@ -58,9 +61,10 @@ def serve(
         from gpufleet.api.app import ApiContext, DeployedModel, create_app
         from gpufleet.api.keys import KeyStore
         from gpufleet.api.webhooks import WebhookDispatcher
+        from gpufleet.models.loader import open_model
+        from gpufleet.models.registry import Registry, looks_like_ref
         from gpufleet.queue import LeaseReaper, TaskQueue
         from gpufleet.store import upgrade
-        from gpufleet.worker.process import load_runner
         from gpufleet.worker.supervisor import Deployment, Supervisor, discover_slots
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -69,9 +73,15 @@ def serve(
         specs = model or [DEFAULT_MODEL]
         deployed: list[DeployedModel] = []
         deployments: list[Deployment] = []
+        registry = Registry(settings.resolved_registry_dir())
         for spec in specs:
-            spec = spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve())
-            runner = load_runner(spec)  # reads model.yaml and imports; loads no weights
+            if looks_like_ref(spec):
+                # Pinned to the digest: every worker loads the same bytes even if a tag moves.
+                artifact = registry.resolve(spec)
+                spec = f"{artifact.name}@{artifact.digest}"
+            elif not spec.startswith("builtin:"):
+                spec = str(Path(spec).expanduser().resolve())
+            runner = open_model(spec, registry=registry)  # reads model.yaml; loads no weights
             if any(d.info.name == runner.info.name for d in deployed):
                 fail(f"invalid_input: model {runner.info.name} is given twice")
             deployed.append(DeployedModel(runner.info, runner.batching))
@@ -86,6 +96,7 @@ def serve(
         env["GPUFLEET_DATA_DIR"] = str(settings.data_dir)
         env["GPUFLEET_DATABASE_URL"] = settings.resolved_database_url()
         env["GPUFLEET_BLOB_DIR"] = str(settings.resolved_blob_dir())
+        env["GPUFLEET_REGISTRY_DIR"] = str(settings.resolved_registry_dir())
         supervisor = Supervisor(
             deployments, slots, workers_per_slot=workers_per_gpu, env=env, grace_s=grace_s
         )

@@ -1,9 +1,9 @@
 """Model directories: a folder with a ``model.yaml`` beside the model's files, loaded into a
 ``ModelRunner``; and the built-in models, which need no directory.
 
-Only ``format: python`` loads for now; ``model.yaml``'s other fields (files, resources,
-promote, ...) are accepted and left to the registry. Every mistake is an ``InvalidInput``
-naming the file and the field.
+``format: python`` imports the runner class named by ``runtime``; the other formats are
+built by ``gpufleet.models.formats``. Every mistake is an ``InvalidInput`` naming the file and
+the field.
 """
 
 from __future__ import annotations
@@ -12,74 +12,45 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from gpufleet.errors import InvalidInput
+from gpufleet.models.manifest import MODEL_FILE, ModelManifest, ModelSpec
 from gpufleet.models.runtime import Batching, ModelInfo, ModelRunner
 
-MODEL_FILE = "model.yaml"
 
+def load_model_dir(path: str | Path, manifest: ModelManifest | None = None) -> ModelRunner:
+    """The runner that ``path/model.yaml`` describes, named, versioned and batched as it says.
 
-class _BatchingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    max_batch_size: int | None = None
-    max_queue_delay_ms: float | None = None
-
-
-class _ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
-    format: Literal["hf", "onnx", "torchscript", "python"]
-    runtime: str | None = None
-    description: str = ""
-    batching: _BatchingSpec | None = None
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_text(cls, value: Any) -> Any:
-        # YAML reads `version: 2` as an int (harmless) but `version: 1.10` as the float 1.1.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, float):
-            raise ValueError(f'quote the version: YAML read it as the number {value}, write "..."')
-        return value
-
-
-class _ModelFile(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: _ModelSpec
-
-
-def load_model_dir(path: str | Path) -> ModelRunner:
-    """The runner that ``path/model.yaml`` describes, named, versioned and batched as it says."""
+    Reads the manifest and imports code; loads no weights (``runner.load`` does).
+    """
     model_dir = Path(path)
     yaml_path = model_dir / MODEL_FILE
-    spec = _read_spec(yaml_path)
+    manifest = manifest or ModelManifest.from_yaml(yaml_path)
+    spec = manifest.model
     if spec.format != "python":
-        raise _invalid(
-            yaml_path,
-            "model.format",
-            f"format {spec.format!r} cannot be loaded yet; only 'python' is supported",
+        from gpufleet.models.formats import create_runner
+
+        return create_runner(
+            model_dir,
+            format=spec.format,
+            name=spec.name,
+            version=spec.version,
+            description=spec.description,
+            precision=spec.precision.value,
+            entry=spec.entry,
+            task=spec.task,
+            batching=_batching(Batching(max_batch_size=8, max_queue_delay_ms=5), spec, yaml_path)
+            if spec.batching
+            else None,
         )
-    if not spec.runtime:
-        raise _invalid(
-            yaml_path,
-            "model.runtime",
-            "format 'python' needs runtime: 'python:package.module:ClassName' "
-            "or 'python:file.py:ClassName' (relative to the model directory)",
-        )
+    assert spec.runtime is not None  # the schema requires it for format python
     runner_class = _import_runtime(model_dir, yaml_path, spec.runtime)
     runner: ModelRunner = _instantiate(runner_class, model_dir, yaml_path, spec.runtime)
     missing = [
@@ -103,14 +74,17 @@ def load_model_dir(path: str | Path) -> ModelRunner:
         version=spec.version,
         description=spec.description or runner.info.description,
     )
-    if spec.batching is not None:
-        try:
-            runner.batching = replace(
-                runner.batching, **spec.batching.model_dump(exclude_none=True)
-            )
-        except ValueError as exc:
-            raise _invalid(yaml_path, "model.batching", str(exc)) from exc
+    runner.batching = _batching(runner.batching, spec, yaml_path)
     return runner
+
+
+def _batching(base: Batching, spec: ModelSpec, yaml_path: Path) -> Batching:
+    if spec.batching is None:
+        return base
+    try:
+        return replace(base, **spec.batching.model_dump(exclude_none=True))
+    except ValueError as exc:
+        raise _invalid(yaml_path, "model.batching", str(exc)) from exc
 
 
 def builtin_models() -> dict[str, Callable[[], ModelRunner]]:
@@ -118,36 +92,6 @@ def builtin_models() -> dict[str, Callable[[], ModelRunner]]:
     from gpufleet.models.demo import DigitsRunner
 
     return {"digits": DigitsRunner}
-
-
-def _read_spec(yaml_path: Path) -> _ModelSpec:
-    if not yaml_path.is_file():
-        raise InvalidInput(
-            f"{yaml_path} not found: a model directory needs a model.yaml "
-            "(model: {name, version, format, runtime})",
-            path=str(yaml_path),
-        )
-    try:
-        with yaml_path.open(encoding="utf-8") as stream:  # a stream: YAML's errors name the file
-            data = yaml.safe_load(stream)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{yaml_path} is not valid YAML: {exc}", path=str(yaml_path)) from exc
-    if not isinstance(data, dict):
-        raise _invalid(yaml_path, "(top level)", "must be a mapping with a 'model:' section")
-    try:
-        return _ModelFile.model_validate(data).model
-    except ValidationError as exc:
-        errors = exc.errors()
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-            + ("" if e["type"] == "missing" else f" (got {e['input']!r})")
-            for e in errors
-        )
-        raise InvalidInput(
-            f"{yaml_path}: {problems}",
-            path=str(yaml_path),
-            field=".".join(map(str, errors[0]["loc"])),
-        ) from exc
 
 
 def _import_runtime(model_dir: Path, yaml_path: Path, runtime: str) -> type:
@@ -180,8 +124,9 @@ def _import_runtime(model_dir: Path, yaml_path: Path, runtime: str) -> type:
 
 def _import_file(model_dir: Path, relative: str) -> ModuleType:
     """Import a runner file of the model directory under a name unique to its path."""
-    file = (model_dir / relative).resolve()
-    if not file.is_relative_to(model_dir.resolve()):
+    # Lexically inside the directory: a registry checkout's files are symlinks to blobs.
+    file = Path(os.path.normpath(model_dir.absolute() / relative))
+    if not file.is_relative_to(model_dir.absolute()):
         raise ImportError(f"{relative} is outside the model directory")
     if not file.is_file():
         raise FileNotFoundError(f"no file {file}")

@@ -7,6 +7,8 @@ writes ``ready`` on stdout; logs go to stderr.
 SIGTERM (or SIGINT) drains: stop claiming, finish the batch in hand, write its results, exit 0.
 If that takes longer than ``--grace-s``, the tasks still held are released to the queue and the
 process exits at once (code 3): another worker takes them, and none waits for a lease to expire.
+A model that cannot load on this device or from these files exits with code 4 (``refused:``
+and the reason on stderr).
 """
 
 from __future__ import annotations
@@ -21,23 +23,26 @@ from types import FrameType
 
 from gpufleet.models.runtime import ModelRunner
 
+# The model can never load here (incompatible GPU, corrupted files, bad manifest): the
+# supervisor does not restart a worker that exits with this code.
+EXIT_REFUSED = 4
+
 
 def load_runner(spec: str) -> ModelRunner:
-    """``builtin:NAME`` (a built-in model) or the path of a model directory (``model.yaml``)."""
-    from gpufleet.models.directory import builtin_models, load_model_dir
+    """``builtin:NAME``, a model directory, or ``NAME@VERSION`` from the registry the settings
+    name; compatibility and digests are checked when the runner loads."""
+    from gpufleet.models.loader import open_model
+    from gpufleet.models.registry import Registry
+    from gpufleet.settings import Settings
 
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        builtins = builtin_models()
-        if name not in builtins:
-            raise SystemExit(f"unknown built-in model {name!r}; known: {', '.join(builtins)}")
-        return builtins[name]()
-    return load_model_dir(spec)
+    return open_model(spec, registry=Registry(Settings().resolved_registry_dir()))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpufleet-worker")
-    parser.add_argument("--model", required=True, help="builtin:NAME or a model directory")
+    parser.add_argument(
+        "--model", required=True, help="builtin:NAME, a model directory or NAME@VERSION"
+    )
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lanes", default="interactive,batch")
@@ -48,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from gpufleet.errors import GpufleetError, IncompatibleGpu, IntegrityError
     from gpufleet.queue import TaskQueue
     from gpufleet.settings import Settings
     from gpufleet.worker.loop import Worker, WorkerConfig
 
-    runner = load_runner(args.model)
+    try:
+        runner = load_runner(args.model)
+    except GpufleetError as exc:  # a bad model.yaml, an unknown model: restarting cannot help
+        print(f"refused: {exc}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     queue = TaskQueue.from_settings(Settings())
     config = WorkerConfig(
         model=runner.info.name,
@@ -96,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 return
 
     threading.Thread(target=orphaned, name="orphan-watch", daemon=True).start()
-    worker.run(stop)
+    try:
+        worker.run(stop)
+    except (IncompatibleGpu, IntegrityError) as exc:  # raised by load, before any claim
+        print(f"refused: {exc}", file=sys.stderr, flush=True)
+        queue.close()
+        return EXIT_REFUSED
     queue.close()
     return 0
 

@@ -6,6 +6,7 @@ leave it idle between batches).
 
 A worker that exits on its own is restarted with exponential backoff (1 s doubling to 60 s,
 back to 1 s after a minute of healthy running), so a model that crashes at load does not spin.
+One that exits with ``EXIT_REFUSED`` (incompatible GPU, corrupted files) is not restarted.
 The tasks it held are not lost: their leases expire and the queue hands them on.
 
 ``stop`` drains: SIGTERM to every worker (each stops claiming, finishes its batch, writes its
@@ -27,6 +28,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpufleet.worker.process import EXIT_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def _nvidia_smi_indices() -> list[str]:
 
 @dataclass(frozen=True)
 class Deployment:
-    """A model to serve: ``spec`` is ``builtin:NAME`` or a model directory."""
+    """A model to serve: ``spec`` is ``builtin:NAME``, a model directory or NAME@sha256:..."""
 
     spec: str
     name: str
@@ -91,7 +94,7 @@ class WorkerHandle:
     deployment: Deployment
     slot: Slot
     proc: subprocess.Popen[str] | None = None
-    state: str = "starting"  # starting | ready | backoff | stopped
+    state: str = "starting"  # starting | ready | backoff | failed | stopped
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = 0.0
@@ -189,6 +192,8 @@ class Supervisor:
 
     def _check(self, w: WorkerHandle, now: float, mark_process_dead: Any) -> None:
         """Restart ``w`` if its backoff is over; notice if it exited."""
+        if w.state == "failed":
+            return
         if w.state == "backoff":
             if now >= w.next_start:
                 w.restarts += 1
@@ -200,6 +205,14 @@ class Supervisor:
             return
         w.last_exit = w.proc.returncode
         mark_process_dead(w.proc.pid)
+        if w.last_exit == EXIT_REFUSED:
+            w.state = "failed"
+            log.error(
+                "worker %s refused to load %s (see its 'refused:' line above); not restarting",
+                w.worker_id,
+                w.deployment.spec,
+            )
+            return
         w.state, w.next_start = "backoff", now + w.backoff_s
         log.warning(
             "worker %s exited with %s; restarting in %.0fs", w.worker_id, w.last_exit, w.backoff_s
@@ -227,12 +240,15 @@ class Supervisor:
             return sum(1 for w in self.workers if w.deployment.name == model and w.state == "ready")
 
     def wait_ready(self, timeout: float) -> bool:
-        """Until every worker has loaded and warmed up its model."""
+        """Until every worker has loaded and warmed up its model (False at once when one
+        refused to load)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 if all(w.state == "ready" for w in self.workers):
                     return True
+                if any(w.state == "failed" for w in self.workers):
+                    return False
             time.sleep(0.05)
         return False
 

@@ -1,0 +1,162 @@
+"""Turn a ``--model`` argument into a runner that is safe to load: the one entry point for
+``serve`` and worker processes.
+
+``builtin:NAME``, a model directory, or ``NAME[@VERSION|@TAG|@sha256:...]`` from the registry.
+The runner returned checks, in ``load(device)`` and before any weights move:
+
+1. the device against the model's ``compatibility`` and ``precision`` (``gpufleet.gpu.compat``:
+   refused with ``IncompatibleGpu`` naming what was found and the fix);
+2. for a registry version, every file against its recorded digest. Code and small files are
+   checked before anything is imported from them; ``*.safetensors`` weights are checked while
+   ``gpufleet.models.weights`` reads them, or after ``load`` if the model read them some other
+   way, and in either case before the first ``predict``. A mismatch is ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from gpufleet.errors import IncompatibleGpu, InvalidInput
+from gpufleet.models import integrity
+from gpufleet.models.integrity import FileDigest
+from gpufleet.models.manifest import ModelManifest
+from gpufleet.models.registry import Registry, looks_like_ref
+from gpufleet.models.runtime import Batching, ModelInfo, ModelRunner, unload
+
+log = logging.getLogger(__name__)
+_DEFERRED_SUFFIXES = (".safetensors",)
+
+
+class CheckedRunner:
+    """A ``ModelRunner`` that refuses to load on an incompatible device or from tampered files."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        manifest: ModelManifest | None = None,
+        *,
+        deferred: dict[Path, FileDigest] | None = None,
+        source: str = "",
+        labels: dict[Path, str] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.manifest = manifest
+        self.deferred = deferred or {}
+        self.source = source
+        self.labels = labels or {}
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.runner.info
+
+    @info.setter
+    def info(self, value: ModelInfo) -> None:
+        self.runner.info = value
+
+    @property
+    def batching(self) -> Batching:
+        return self.runner.batching
+
+    @batching.setter
+    def batching(self, value: Batching) -> None:
+        self.runner.batching = value
+
+    def check_device(self, device: str) -> None:
+        """Raise ``IncompatibleGpu`` when a rule forbids this device; log the warnings."""
+        if self.manifest is None:
+            return
+        from gpufleet.gpu.compat import Severity, check_model
+        from gpufleet.gpu.device import facts_for_device
+
+        spec = self.manifest.model
+        findings = check_model(
+            subject=f"{spec.name}@{spec.version}",
+            precision=spec.precision.value,
+            cuda=spec.compatibility.cuda,
+            archs=spec.compatibility.capabilities(),
+            facts=facts_for_device(device),
+        )
+        for f in findings:
+            if f.severity is Severity.WARNING:
+                log.warning("%s: %s", spec.name, f.message())
+        problems = [f for f in findings if f.severity is Severity.ERROR]
+        if problems:
+            raise IncompatibleGpu(
+                f"{spec.name}@{spec.version} cannot load on {device}: "
+                + " | ".join(f.message() for f in problems),
+                checks=[f.check for f in problems],
+            )
+
+    def load(self, device: str) -> None:
+        self.check_device(device)
+        integrity.expect(self.deferred)
+        try:
+            self.runner.load(device)
+        except Exception:
+            # A corrupted file often breaks the load itself: say so rather than the symptom.
+            self._verify_deferred()
+            raise
+        try:
+            self._verify_deferred()
+        except BaseException:
+            unload(self.runner)
+            raise
+
+    def _verify_deferred(self) -> None:
+        for path in integrity.unverified(list(self.deferred)):
+            integrity.verify_file(path, self.deferred[path], name=self.labels.get(path))
+            integrity.claim_verified(path)
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        return self.runner.predict(inputs)
+
+    def unload(self) -> None:
+        unload(self.runner)
+
+
+def open_model(spec: str, *, registry: Registry | None = None) -> CheckedRunner:
+    """The runner ``spec`` names; reads manifests and imports code, loads no weights."""
+    from gpufleet.models.directory import builtin_models, load_model_dir
+
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        builtins = builtin_models()
+        if name not in builtins:
+            raise InvalidInput(
+                f"unknown built-in model {name!r}; known: {', '.join(sorted(builtins))}",
+                model=spec,
+            )
+        return CheckedRunner(builtins[name](), source=spec)
+    if registry is not None and looks_like_ref(spec):
+        checkout = registry.checkout(spec)
+        ref = checkout.artifact.ref
+        labels = {p: f"{ref}:{p.relative_to(checkout.path).as_posix()}" for p in checkout.files}
+        upfront = {
+            p: d for p, d in checkout.files.items() if not p.name.endswith(_DEFERRED_SUFFIXES)
+        }
+        for path, digest in upfront.items():  # before importing any code from the checkout
+            integrity.verify_file(path, digest, name=labels[path])
+        manifest = checkout.artifact.manifest
+        assert manifest is not None
+        runner = load_model_dir(checkout.path, manifest)
+        deferred = {p: d for p, d in checkout.files.items() if p not in upfront}
+        return CheckedRunner(runner, manifest, deferred=deferred, source=ref, labels=labels)
+    model_dir = Path(spec).expanduser()
+    if not model_dir.is_dir():
+        hint = (
+            " (no registry was given to look it up in)"
+            if registry is None
+            else f"; nor is it a model in the registry at {registry.root}"
+        )
+        raise InvalidInput(
+            f"{spec!r} is not a model directory{hint}: give a directory with a model.yaml, "
+            "builtin:NAME, or NAME@VERSION of a packaged model",
+            model=spec,
+        )
+    manifest = ModelManifest.from_yaml(model_dir)
+    return CheckedRunner(load_model_dir(model_dir, manifest), manifest, source=str(model_dir))

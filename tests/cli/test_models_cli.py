@@ -1,0 +1,84 @@
+"""``gpufleet models ...`` on a data dir's registry: readable lines, exit codes, --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from gpufleet.cli.main import app
+from tests.models.registry_helpers import make_scale_model
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Any:
+    env = {"GPUFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200", "NO_COLOR": "1"}
+
+    def invoke(*args: str) -> Result:
+        return runner.invoke(app, ["models", *args], env=env)
+
+    return invoke
+
+
+def test_validate_ok_and_every_problem_on_its_own_line(cli: Any, tmp_path: Path) -> None:
+    model = make_scale_model(tmp_path / "m")
+    ok = cli("validate", str(model))
+    assert ok.exit_code == 0 and "ok: scale@1.0.0 (python, fp32" in ok.output
+    (model / "model.yaml").write_text(
+        "model:\n  name: scale\n  version: '1'\n  format: hf\n  precision: fp4\n"
+        "  compatibility: {cuda: '>=12.x'}\n"
+    )
+    bad = cli("validate", str(model))
+    assert bad.exit_code == 1
+    lines = bad.output.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(
+        "model.precision: Input should be 'fp32', 'fp16', 'bf16' or 'fp8' (got 'fp4')"
+    )
+    assert lines[1].endswith(
+        "model.compatibility.cuda: '>=12.x' is not a version range (write e.g. '>=12.2' or '>=11.8,<13')"
+    )
+    assert "Traceback" not in bad.output
+    as_json = json.loads(cli("validate", str(model), "--json").stdout)
+    assert as_json["valid"] is False and len(as_json["problems"]) == 2
+
+
+def test_package_list_show_tag_rm_gc(cli: Any, tmp_path: Path) -> None:
+    packaged = json.loads(cli("package", str(make_scale_model(tmp_path / "a")), "--json").stdout)
+    assert packaged["name"] == "scale" and packaged["digest"].startswith("sha256:")
+    out = cli(
+        "package", str(make_scale_model(tmp_path / "b", version="2.0.0", scale=2)), "-t", "canary"
+    )
+    assert out.exit_code == 0 and "scale@2.0.0 sha256:" in out.output and "canary" in out.output
+    listing = json.loads(cli("list", "--json").stdout)
+    assert [(a["version"], a["tags"]) for a in listing] == [("1.0.0", []), ("2.0.0", ["canary"])]
+    table = cli("list").output
+    assert "scale" in table and "canary" in table
+    shown = json.loads(cli("show", "scale@canary", "--json").stdout)
+    assert [f["path"] for f in shown["files"]] == ["model.yaml", "runner.py", "weights.safetensors"]
+    assert shown["manifest"]["model"]["version"] == "2.0.0"
+    assert "weights.safetensors" in cli("show", "scale@1.0.0").output
+    assert cli("tag", "scale@1.0.0", "stable").exit_code == 0
+    assert cli("verify", "scale").output.startswith("ok: scale@1.0.0")
+    refused = cli("rm", "scale@1.0.0")
+    assert refused.exit_code == 1 and refused.output.startswith("conflict: scale@1.0.0 is tagged")
+    assert cli("rm", "scale@1.0.0", "--force").exit_code == 0
+    assert "unreferenced blobs" in cli("gc").output
+    missing = cli("show", "scale@1.0.0")
+    assert missing.exit_code == 1 and missing.output.startswith(
+        "not_found: 'scale@1.0.0' not found"
+    )
+
+
+def test_package_refuses_changed_content_under_a_version(cli: Any, tmp_path: Path) -> None:
+    model = make_scale_model(tmp_path / "m")
+    assert cli("package", str(model)).exit_code == 0
+    make_scale_model(model, scale=7.0)
+    out = cli("package", str(model))
+    assert out.exit_code == 1 and "versions are immutable" in out.output
+    assert cli("package", str(tmp_path / "nope")).output.startswith("invalid_input:")
