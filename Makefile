@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The tests start a real PostgreSQL server from Debian's packages.
+# The tests start real servers from Debian's packages: PostgreSQL, and an OCI registry
+# (distribution's docker-registry) for model push/pull; openssl signs its test tokens.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
-		echo "installing PostgreSQL from Debian's packages"; \
-		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/docker-registry ] || missing="$$missing docker-registry"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian's packages:$$missing"; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
 # The API on 127.0.0.1:8080 and a worker serving the demo model, on SQLite under the data dir.

@@ -82,3 +82,26 @@ def test_package_refuses_changed_content_under_a_version(cli: Any, tmp_path: Pat
     out = cli("package", str(model))
     assert out.exit_code == 1 and "versions are immutable" in out.output
     assert cli("package", str(tmp_path / "nope")).output.startswith("invalid_input:")
+
+
+def test_push_pull_round_trip_through_a_real_registry(cli: Any, tmp_path: Path) -> None:
+    from gpufleet.testing.oci_registry import OciRegistryServer, find_registry_binary
+
+    if find_registry_binary() is None:
+        pytest.skip("docker-registry (Debian package) is not installed")
+    model = make_scale_model(tmp_path / "m", scale=4.0)
+    packaged = json.loads(cli("package", str(model), "--json").stdout)
+    with OciRegistryServer() as server:
+        target = f"{server.host}/team/scale"
+        pushed = cli("push", "scale@1.0.0", target, "--json")
+        assert pushed.exit_code == 0, pushed.output
+        assert json.loads(pushed.stdout)["target"] == f"{target}:1.0.0"
+        # A second machine: an empty data dir pulls it, digests checked, same artifact.
+        env = {"GPUFLEET_DATA_DIR": str(tmp_path / "other"), "NO_COLOR": "1"}
+        pulled = runner.invoke(app, ["models", "pull", f"{target}:1.0.0", "--json"], env=env)
+        assert pulled.exit_code == 0, pulled.output
+        assert json.loads(pulled.stdout)["digest"] == packaged["digest"]
+        shown = runner.invoke(app, ["models", "show", "scale@1.0.0", "--json"], env=env)
+        assert json.loads(shown.stdout)["digest"] == packaged["digest"]
+        missing = runner.invoke(app, ["models", "pull", f"{target}:9.9.9"], env=env)
+        assert missing.exit_code == 1 and missing.output.startswith("not_found:")
