@@ -77,3 +77,26 @@ def test_cpu_warns_about_emulated_precisions(
     with caplog.at_level(logging.WARNING):
         runner.load("cpu")
     assert "precision fp16 on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_prefetch_checks_weights_before_the_model_reads_them(
+    tmp_path: Path, tampered: bool
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    a = registry.package(make_scale_model(tmp_path / "m", scale=5.0))
+    if tampered:
+        weights = next(f for f in a.files if f.path == "weights.safetensors")
+        blob = registry.blob_path(weights.blob)
+        os.chmod(blob, 0o644)
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 0x01  # still parses: only the digest can tell
+        blob.write_bytes(bytes(data))
+    runner = open_model("scale@1.0.0", registry=registry)
+    runner.prefetch()  # as a worker process does, before it imports torch
+    if tampered:
+        with pytest.raises(IntegrityError, match="weights.safetensors"):
+            runner.load("cpu")
+    else:
+        runner.load("cpu")
+        assert runner.predict([{"x": 1}]) == [{"y": 5.0}]

@@ -90,8 +90,9 @@ def _batching(base: Batching, spec: ModelSpec, yaml_path: Path) -> Batching:
 def builtin_models() -> dict[str, Callable[[], ModelRunner]]:
     """Models that ship inside gpufleet, by name: no directory or download needed."""
     from gpufleet.models.demo import DigitsRunner
+    from gpufleet.models.demo.tiny_lm import TinyLM
 
-    return {"digits": DigitsRunner}
+    return {"digits": DigitsRunner, "tiny-lm": TinyLM}
 
 
 def _import_runtime(model_dir: Path, yaml_path: Path, runtime: str) -> type:

@@ -121,14 +121,24 @@ def mismatch(label: str, where: str) -> IntegrityError:
 _lock = threading.Lock()
 _expected: dict[Path, FileDigest] = {}
 _verified: set[Path] = set()
+_labels: dict[Path, str] = {}
 
 
-def expect(files: dict[Path, FileDigest]) -> None:
-    """Record the digests of files about to be loaded (absolute, resolved paths)."""
+def expect(files: dict[Path, FileDigest], labels: dict[Path, str] | None = None) -> None:
+    """Record the digests of files about to be loaded, and the names errors should give them
+    (``model@1.0:weights.safetensors`` rather than a blob path)."""
     with _lock:
         for path, digest in files.items():
             _expected[path.resolve()] = digest
             _verified.discard(path.resolve())
+            if labels and path in labels:
+                _labels[path.resolve()] = labels[path]
+
+
+def label_of(path: str | Path) -> str:
+    """The name ``expect`` gave ``path``, else the path."""
+    with _lock:
+        return _labels.get(Path(path).resolve(), str(path))
 
 
 def expected_digest(path: str | Path) -> FileDigest | None:

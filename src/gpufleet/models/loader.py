@@ -46,6 +46,7 @@ class CheckedRunner:
         self.deferred = deferred or {}
         self.source = source
         self.labels = labels or {}
+        self._expected = False
 
     @property
     def info(self) -> ModelInfo:
@@ -89,9 +90,21 @@ class CheckedRunner:
                 checks=[f.check for f in problems],
             )
 
+    def prefetch(self) -> None:
+        """Start reading (and checking) the weights in the background, before the process
+        imports torch and initialises CUDA, so those seconds overlap the disk."""
+        from gpufleet.models.weights import prefetch
+
+        integrity.expect(self.deferred, self.labels)
+        self._expected = True
+        for path in self.deferred:
+            if path.name.endswith(".safetensors"):
+                prefetch(path)
+
     def load(self, device: str) -> None:
         self.check_device(device)
-        integrity.expect(self.deferred)
+        if not self._expected:  # (again after a prefetch would forget what it verified)
+            integrity.expect(self.deferred, self.labels)
         try:
             self.runner.load(device)
         except Exception:
@@ -105,6 +118,11 @@ class CheckedRunner:
             raise
 
     def _verify_deferred(self) -> None:
+        if self._expected:  # a prefetch may be checking them now: its verdict first
+            from gpufleet.models.weights import await_prefetch
+
+            for path in self.deferred:
+                await_prefetch(path.resolve())
         for path in integrity.unverified(list(self.deferred)):
             integrity.verify_file(path, self.deferred[path], name=self.labels.get(path))
             integrity.claim_verified(path)

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except GpufleetError as exc:  # a bad model.yaml, an unknown model: restarting cannot help
         print(f"refused: {exc}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
+    from gpufleet.models.loader import CheckedRunner
+
+    if isinstance(runner, CheckedRunner):
+        runner.prefetch()
     queue = TaskQueue.from_settings(Settings())
     config = WorkerConfig(
         model=runner.info.name,
