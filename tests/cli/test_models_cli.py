@@ -41,7 +41,8 @@ def test_validate_ok_and_every_problem_on_its_own_line(cli: Any, tmp_path: Path)
         "model.precision: Input should be 'fp32', 'fp16', 'bf16' or 'fp8' (got 'fp4')"
     )
     assert lines[1].endswith(
-        "model.compatibility.cuda: '>=12.x' is not a version range (write e.g. '>=12.2' or '>=11.8,<13')"
+        "model.compatibility.cuda: '>=12.x' is not a version range "
+        "(write e.g. '>=12.2' or '>=11.8,<13')"
     )
     assert "Traceback" not in bad.output
     as_json = json.loads(cli("validate", str(model), "--json").stdout)

@@ -95,7 +95,7 @@ def test_prefetch_checks_weights_before_the_model_reads_them(
     runner = open_model("scale@1.0.0", registry=registry)
     runner.prefetch()  # as a worker process does, before it imports torch
     if tampered:
-        with pytest.raises(IntegrityError, match="weights.safetensors"):
+        with pytest.raises(IntegrityError, match=r"scale@1\.0\.0:weights\.safetensors"):
             runner.load("cpu")
     else:
         runner.load("cpu")

@@ -144,7 +144,7 @@ def test_files_listed_in_model_yaml_limit_the_package(tmp_path: Path, registry: 
     a = registry.package(model)
     assert [f.path for f in a.files] == ["model.yaml", "runner.py", "weights.safetensors"]
     (model / "runner.py").unlink()
-    with pytest.raises(InvalidInput, match="model.files lists runner.py, which is not in"):
+    with pytest.raises(InvalidInput, match=r"model\.files lists runner\.py, which is not in"):
         registry.package(model)
 
 

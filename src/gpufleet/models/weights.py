@@ -196,8 +196,8 @@ def _checked_digest(file: Path, header: Header) -> integrity.FileDigest | None:
         return None
     if digest.size != header.file_size:
         raise IntegrityError(
-            f"{integrity.label_of(file)}: size {header.file_size} bytes, recorded {digest.size}: the file was "
-            "changed or truncated; refusing to load it",
+            f"{integrity.label_of(file)}: size {header.file_size} bytes, recorded "
+            f"{digest.size}: the file was changed or truncated; refusing to load it",
             path=str(file),
         )
     if digest.chunks and len(digest.chunks) != len(digest.chunk_ranges()):
