@@ -100,3 +100,31 @@ def test_prefetch_checks_weights_before_the_model_reads_them(
     else:
         runner.load("cpu")
         assert runner.predict([{"x": 1}]) == [{"y": 5.0}]
+
+
+def test_each_format_round_trips_through_the_registry(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("transformers")
+    from tests.models.format_fixtures import (
+        make_hf_causal_lm_dir,
+        make_onnx_dir,
+        make_torchscript_dir,
+    )
+
+    registry = Registry(tmp_path / "registry")
+    cases = [
+        (make_onnx_dir(tmp_path / "onnx"), [[1.0, 2.0, 3.0, 4.0]]),
+        (make_torchscript_dir(tmp_path / "ts"), [[1.0, 2.0, 3.0, 4.0]]),
+        (make_hf_causal_lm_dir(tmp_path / "hf"), [{"prompt": "hello", "max_new_tokens": 3}]),
+    ]
+    for model_dir, inputs in cases:
+        a = registry.package(model_dir)
+        direct = open_model(str(model_dir))
+        stored = open_model(f"{a.name}@{a.digest}", registry=registry)
+        direct.load("cpu")
+        stored.load("cpu")
+        got, want = stored.predict(inputs), direct.predict(inputs)
+        for out in (*got, *want):
+            if isinstance(out, dict):
+                out.pop("tokens_per_s", None)  # a timing, not an output
+        assert got == want, a.name

@@ -7,6 +7,7 @@ them are skipped rather than guessed.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -29,17 +30,16 @@ def facts_for_device(device: str) -> DeviceFacts:
     try:
         capability = tuple(torch.cuda.get_device_capability(index))
         name = str(torch.cuda.get_device_name(index))
-        raw = int(torch._C._cuda_getDriverVersion())  # type: ignore[attr-defined]  # 13000: 13.0
-        driver_cuda = (raw // 1000, (raw % 1000) // 10) if raw > 0 else None
     except Exception:  # no driver, no device: the load itself will say so
         return DeviceFacts(
             kind="cuda", name=device, runtime_cuda=runtime_cuda, runtime=_runtime_label()
         )
+    driver_version, driver_cuda = _driver()
     return DeviceFacts(
         kind="cuda",
         name=name,
         capability=(int(capability[0]), int(capability[1])),
-        driver_version=_driver_version(),
+        driver_version=driver_version,
         driver_cuda=driver_cuda,
         runtime_cuda=runtime_cuda,
         runtime=_runtime_label(),
@@ -52,19 +52,19 @@ def _runtime_label() -> str:
     return f"torch {torch.__version__}"
 
 
-def _driver_version() -> str | None:
+def _driver() -> tuple[str | None, tuple[int, int] | None]:
+    """The driver's version and the newest CUDA it supports, from ``nvidia-smi``'s header
+    (``Driver Version: 580.65.06  CUDA Version: 13.0``)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return None, None
     try:
-        out = subprocess.run(
-            [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.strip().splitlines()
-    return lines[0].strip() if lines else None
+        return None, None
+    version = re.search(r"Driver Version:\s*([0-9.]+)", out)
+    cuda = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", out)
+    return (
+        version[1] if version else None,
+        (int(cuda[1]), int(cuda[2])) if cuda else None,
+    )

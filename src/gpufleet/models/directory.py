@@ -46,6 +46,7 @@ def load_model_dir(path: str | Path, manifest: ModelManifest | None = None) -> M
             precision=spec.precision.value,
             entry=spec.entry,
             task=spec.task,
+            example_input=spec.example_input,
             batching=_batching(Batching(max_batch_size=8, max_queue_delay_ms=5), spec, yaml_path)
             if spec.batching
             else None,

@@ -167,6 +167,9 @@ class ModelSpec(_Section):
     task: str | None = None
     precision: Precision = Precision.FP32
     description: str = ""
+    # One input that works as is: published by GET /v1/models, and for torchscript models the
+    # dtypes of the inputs (whole numbers: int64).
+    example_input: Any = None
     files: list[FileEntry] = []
     batching: BatchingSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
