@@ -8,6 +8,8 @@ from gpufleet.errors import (
     Forbidden,
     GpufleetError,
     IdempotencyConflict,
+    IncompatibleGpu,
+    IntegrityError,
     InvalidInput,
     LeaseLost,
     NotFound,
@@ -26,6 +28,7 @@ from gpufleet.errors import (
 
 if TYPE_CHECKING:
     from gpufleet.client import AsyncClient, Client
+    from gpufleet.models.manifest import ModelManifest
 
 __version__ = "0.1.0"
 
@@ -37,6 +40,10 @@ def __getattr__(name: str) -> object:
         from gpufleet import client
 
         return getattr(client, name)
+    if name == "ModelManifest":
+        from gpufleet.models.manifest import ModelManifest
+
+        return ModelManifest
     raise AttributeError(f"module 'gpufleet' has no attribute {name!r}")
 
 
@@ -48,8 +55,11 @@ __all__ = [
     "Forbidden",
     "GpufleetError",
     "IdempotencyConflict",
+    "IncompatibleGpu",
+    "IntegrityError",
     "InvalidInput",
     "LeaseLost",
+    "ModelManifest",
     "NotFound",
     "PayloadTooLarge",
     "QuotaExceeded",

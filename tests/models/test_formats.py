@@ -558,6 +558,10 @@ def test_fp8_linear_is_close_to_the_layer_it_replaces() -> None:
     assert quantize_fp8_(torch.nn.Sequential(torch.nn.Linear(64, 32)), skip=[]) == 1
     head = torch.nn.Linear(32, 64)
     assert quantize_fp8_(torch.nn.Sequential(head), skip=[head]) == 0
+    # A transposed view (GPT-2's Conv1D) is stored row-major all the same: its .t() must be
+    # the column-major operand torch._scaled_mm accepts (on CUDA it refuses anything else).
+    transposed = Fp8Linear(torch.randn(32, 64).t(), None)
+    assert transposed.weight.is_contiguous() and transposed.weight.t().stride() == (1, 32)
 
 
 def test_fp8_scaled_mm_path_where_torch_has_it_on_cpu() -> None:

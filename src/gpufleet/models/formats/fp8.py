@@ -37,7 +37,10 @@ class Fp8Linear(torch.nn.Module):
         w = weight.detach().float()
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
         # Buffers, not parameters: nothing should train them, and .to(dtype) must not be used.
-        self.register_buffer("weight", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        # Row-major whatever the source's layout (GPT-2's Conv1D hands us a transposed view):
+        # its .t() is then the column-major operand that _scaled_mm wants.
+        fp8_weight = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+        self.register_buffer("weight", fp8_weight)
         self.register_buffer("weight_scale", scale.squeeze(1).contiguous())
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
