@@ -165,10 +165,10 @@ class Transformer:
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (float32)."""
         import torch
-        import torch.nn.functional as F
 
-        c, w = self.config, self.w
-        (b, t), s = ids.shape, start + ids.shape[1]
+        from gpufleet.models.attention import serving_attention
+
+        w, s = self.w, start + ids.shape[1]
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
         keys = torch.arange(s, device=ids.device)
@@ -176,7 +176,23 @@ class Transformer:
         # A padded query sees only itself: a row with no key at all would give NaN, and NaN in
         # the values poisons every later row even where its weight is 0.
         mask = (valid[:, None, None, :s] & (keys <= queries[:, None])) | (keys == queries[:, None])
-        x = w["embed.weight"][ids]
+        with serving_attention():
+            return self._layers(w["embed.weight"][ids], mask, cos, sin, cache, start, s)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        start: int,
+        s: int,
+    ) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        c, w = self.config, self.w
+        b, t = x.shape[:2]
         for i in range(c.n_layers):
             p = f"layers.{i}."
             h = F.rms_norm(x, (c.d_model,), w[p + "attn_norm.weight"], eps=1e-5)

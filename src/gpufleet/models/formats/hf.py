@@ -122,7 +122,11 @@ class HfRunner:
                 outputs[i] = parsed
             else:
                 valid[i] = parsed
-        for i, output in hf_inference.run_task(self._loaded, self.task, valid).items():
+        from gpufleet.models.attention import serving_attention
+
+        with serving_attention():
+            done = hf_inference.run_task(self._loaded, self.task, valid)
+        for i, output in done.items():
             outputs[i] = output
         return outputs
 
