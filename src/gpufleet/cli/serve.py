@@ -36,6 +36,16 @@ def serve(
     workers_per_gpu: int = typer.Option(
         1, "--workers-per-gpu", min=1, max=64, help="Workers per slot (GPU or CPU slot)."
     ),
+    standby: int = typer.Option(
+        0,
+        "--standby",
+        min=0,
+        max=8,
+        envvar="GPUFLEET_STANDBY",
+        help="Standby processes per slot (torch imported, device ready, no model) that a "
+        "restarting worker takes over: restarts are then bound by reading the weights. Each "
+        "costs an idle CUDA context on its GPU.",
+    ),
     grace_s: float = typer.Option(
         30.0, "--grace", min=0, help="Seconds a stopping worker may finish its batch."
     ),
@@ -98,7 +108,12 @@ def serve(
         env["GPUFLEET_BLOB_DIR"] = str(settings.resolved_blob_dir())
         env["GPUFLEET_REGISTRY_DIR"] = str(settings.resolved_registry_dir())
         supervisor = Supervisor(
-            deployments, slots, workers_per_slot=workers_per_gpu, env=env, grace_s=grace_s
+            deployments,
+            slots,
+            workers_per_slot=workers_per_gpu,
+            env=env,
+            grace_s=grace_s,
+            standby_per_slot=standby,
         )
 
         def workers(name: str) -> tuple[int, int]:
@@ -137,7 +152,8 @@ def serve(
         f"health     {base}/healthz   metrics: {base}/metrics",
         f"database   {_safe_url(settings.resolved_database_url())}",
         f"workers    {len(supervisor.workers)} on "
-        + ", ".join(f"{s.name} ({s.device})" for s in slots),
+        + ", ".join(f"{s.name} ({s.device})" for s in slots)
+        + (f"; {standby} standby per slot" if standby else ""),
     ]
     if insecure_no_auth:
         lines.append("[bold red]auth       OFF (--insecure-no-auth): anyone can call this API")

@@ -263,6 +263,28 @@ def load_safetensors(
     return _views(header, buffer, dtype)
 
 
+_reserved: list[torch.Tensor] = []  # a pinned staging buffer made ahead (``reserve_staging``)
+
+
+def reserve_staging(threads: int | None = None, block_size: int = BLOCK_SIZE) -> None:
+    """Pin the staging memory the next CUDA load will use, ahead of it: a standby worker
+    (``worker.standby``) pays this before its model is known. The next load takes the
+    buffer and frees it when done, so a serving process keeps no pinned memory."""
+    import torch
+
+    n = (threads or _default_threads()) * _RING * block_size
+    _reserved[:] = [torch.empty(n, dtype=torch.uint8, pin_memory=True)]
+
+
+def _take_staging(nbytes: int) -> torch.Tensor:
+    import torch
+
+    if _reserved and _reserved[0].numel() >= nbytes:
+        return _reserved.pop()[:nbytes]
+    _reserved.clear()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
 def _default_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
@@ -312,7 +334,7 @@ def _read_to_cuda(
     import torch
 
     # One pinned allocation for all threads: pinning costs time per call as well as per byte.
-    staging = torch.empty(n_threads * _RING * block_size, dtype=torch.uint8, pin_memory=True)
+    staging = _take_staging(n_threads * _RING * block_size)
     host = staging.numpy().data
     todo = iter(segments)
     lock = threading.Lock()

@@ -2,7 +2,8 @@
 
 The supervisor starts these. Settings come from the environment (``GPUFLEET_*``, as the
 supervisor passes them down). Protocol with the supervisor: after load and warmup the process
-writes ``ready`` on stdout; logs go to stderr.
+writes ``ready`` on stdout; logs go to stderr. With ``--standby`` the process first prepares
+the device and waits for its model on stdin (``worker.standby``).
 
 SIGTERM (or SIGINT) drains: stop claiming, finish the batch in hand, write its results, exit 0.
 If that takes longer than ``--grace-s``, the tasks still held are released to the queue and the
@@ -40,14 +41,37 @@ def load_runner(spec: str) -> ModelRunner:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpufleet-worker")
-    parser.add_argument(
-        "--model", required=True, help="builtin:NAME, a model directory or NAME@VERSION"
-    )
-    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--model", help="builtin:NAME, a model directory or NAME@VERSION")
+    parser.add_argument("--worker-id")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lanes", default="interactive,batch")
     parser.add_argument("--grace-s", type=float, default=30.0)
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="prepare the device, then read the model and worker id from stdin (one JSON line)",
+    )
     args = parser.parse_args(argv)
+    if args.standby:
+        from gpufleet.worker.standby import (
+            EXIT_BAD_ASSIGNMENT,
+            BadAssignment,
+            prepare_device,
+            wait_for_assignment,
+        )
+
+        prepare_device(args.device)
+        try:
+            assignment = wait_for_assignment(sys.stdin, sys.stdout)
+        except BadAssignment as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_BAD_ASSIGNMENT
+        if assignment is None:  # the supervisor closed our stdin: not needed after all
+            return 0
+        args.model, args.worker_id = assignment.model, assignment.worker_id
+        args.lanes, args.grace_s = ",".join(assignment.lanes), assignment.grace_s
+    elif not args.model or not args.worker_id:
+        parser.error("--model and --worker-id are required (or --standby)")
     logging.basicConfig(
         level=os.environ.get("GPUFLEET_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s",

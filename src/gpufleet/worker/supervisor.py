@@ -9,6 +9,11 @@ back to 1 s after a minute of healthy running), so a model that crashes at load 
 One that exits with ``EXIT_REFUSED`` (incompatible GPU, corrupted files) is not restarted.
 The tasks it held are not lost: their leases expire and the queue hands them on.
 
+``standby_per_slot`` keeps that many standby processes per slot (``worker.standby``): torch
+imported, the device initialised, no model. A worker that must start (a restart, a new
+version) takes a standby's process when the slot has one, and a new standby is started
+behind it, so a restart is bound by reading the model's weights, not by ``import torch``.
+
 ``stop`` drains: SIGTERM to every worker (each stops claiming, finishes its batch, writes its
 results, and releases the rest at the end of its grace period), then SIGKILL for any still
 running a little after the grace period.
@@ -26,10 +31,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.worker.process import EXIT_REFUSED
+from gpufleet.worker.standby import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +106,17 @@ class WorkerHandle:
     next_start: float = 0.0
     backoff_s: float = BACKOFF_MIN_S
     last_exit: int | None = None
-    _reader: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+
+@dataclass
+class StandbyHandle:
+    slot: Slot
+    proc: subprocess.Popen[str]
+    state: str = "starting"  # starting | standby (device ready, waiting for a model)
 
 
 class Supervisor:
@@ -117,11 +129,18 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         grace_s: float = 30.0,
         poll_s: float = 0.2,
+        standby_per_slot: int = 0,
     ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.grace_s = grace_s
         self.poll_s = poll_s
         self.workers: list[WorkerHandle] = []
+        self.slots = list(dict.fromkeys(slots))
+        self.standby_per_slot = standby_per_slot
+        self.standbys: list[StandbyHandle] = []
+        # A standby that exits by itself (a broken device) is restarted with backoff too.
+        self._standby_backoff = {slot: BACKOFF_MIN_S for slot in self.slots}
+        self._standby_next = {slot: 0.0 for slot in self.slots}
         host = os.uname().nodename
         for dep in deployments:
             for slot in slots:
@@ -135,48 +154,105 @@ class Supervisor:
     def start(self) -> None:
         for w in self.workers:
             self._spawn(w)
+        with self._lock:
+            self._fill_standbys(time.monotonic())
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
 
-    def _spawn(self, w: WorkerHandle) -> None:
+    def _popen(self, slot: Slot, args: list[str], stdin: int) -> subprocess.Popen[str]:
         env = dict(self.env)
-        if w.slot.visible_gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = w.slot.visible_gpu
-        cmd = [
-            sys.executable,
-            "-m",
-            "gpufleet.worker.process",
-            "--model",
-            w.deployment.spec,
-            "--worker-id",
-            w.worker_id,
-            "--device",
-            w.slot.device,
-            "--lanes",
-            ",".join(w.deployment.lanes),
-            "--grace-s",
-            str(self.grace_s),
-        ]
-        w.proc = subprocess.Popen(
+        if slot.visible_gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
+        cmd = [sys.executable, "-m", "gpufleet.worker.process", "--device", slot.device, *args]
+        proc = subprocess.Popen(
             cmd,
             env=env,
             stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             text=True,
             errors="replace",  # a model printing bytes must not stop us draining its pipe
         )
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        return proc
+
+    def _spawn(self, w: WorkerHandle) -> None:
         w.state, w.started_at = "starting", time.monotonic()
-        w._reader = threading.Thread(target=self._read, args=(w, w.proc), daemon=True)
-        w._reader.start()
+        standby = self._take_standby(w)
+        if standby is not None:
+            w.proc = standby.proc
+            log.info("worker %s takes standby pid %d", w.worker_id, w.proc.pid)
+            return
+        w.proc = self._popen(
+            w.slot,
+            [
+                "--model",
+                w.deployment.spec,
+                "--worker-id",
+                w.worker_id,
+                "--lanes",
+                ",".join(w.deployment.lanes),
+                "--grace-s",
+                str(self.grace_s),
+            ],
+            subprocess.DEVNULL,
+        )
         log.info("started worker %s (pid %d)", w.worker_id, w.proc.pid)
 
-    def _read(self, w: WorkerHandle, proc: subprocess.Popen[str]) -> None:
+    def _take_standby(self, w: WorkerHandle) -> StandbyHandle | None:
+        """Hand ``w``'s model to a live standby of its slot (one that is still preparing
+        will do: it reads the assignment when it is ready)."""
+        line = Assignment(w.deployment.spec, w.worker_id, w.deployment.lanes, self.grace_s)
+        for standby in [s for s in self.standbys if s.slot == w.slot]:
+            self.standbys.remove(standby)
+            if standby.proc.poll() is not None or standby.proc.stdin is None:
+                continue
+            try:
+                standby.proc.stdin.write(line.to_line())
+                standby.proc.stdin.close()
+            except OSError:  # it died a moment ago: try the next one
+                continue
+            return standby
+        return None
+
+    def _fill_standbys(self, now: float) -> None:
+        for slot in self.slots:
+            if now < self._standby_next[slot]:
+                continue
+            missing = self.standby_per_slot - sum(1 for s in self.standbys if s.slot == slot)
+            for _ in range(missing):
+                proc = self._popen(slot, ["--standby"], subprocess.PIPE)
+                self.standbys.append(StandbyHandle(slot, proc))
+                log.info("started standby on %s (pid %d)", slot.name, proc.pid)
+
+    def _check_standbys(self, now: float) -> None:
+        for standby in list(self.standbys):
+            code = standby.proc.poll()
+            if code is None:
+                continue
+            self.standbys.remove(standby)
+            slot = standby.slot
+            log.warning(
+                "standby pid %d on %s exited with %s; a new one in %.0fs",
+                standby.proc.pid, slot.name, code, self._standby_backoff[slot],
+            )  # fmt: skip
+            self._standby_next[slot] = now + self._standby_backoff[slot]
+            self._standby_backoff[slot] = min(self._standby_backoff[slot] * 2, BACKOFF_MAX_S)
+        self._fill_standbys(now)
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        """A worker's (or standby's) stdout: ``standby``, then ``ready`` once it serves."""
         assert proc.stdout is not None
         for line in proc.stdout:
-            if line.strip() == "ready":
-                with self._lock:
-                    if w.proc is proc:
+            word = line.strip()
+            if word not in ("ready", "standby"):
+                continue
+            with self._lock:
+                for w in self.workers:
+                    if w.proc is proc and word == "ready":
                         w.state = "ready"
+                for s in self.standbys:
+                    if s.proc is proc and word == "standby":
+                        s.state = "standby"
 
     def _watch(self) -> None:
         from gpufleet.monitor.metrics import mark_process_dead
@@ -189,6 +265,10 @@ class Supervisor:
                     except Exception:  # e.g. fork failed: try again on the next round
                         log.exception("supervising worker %s failed", w.worker_id)
                         w.state, w.next_start = "backoff", time.monotonic() + w.backoff_s
+                try:
+                    self._check_standbys(time.monotonic())
+                except Exception:
+                    log.exception("supervising standbys failed")
 
     def _check(self, w: WorkerHandle, now: float, mark_process_dead: Any) -> None:
         """Restart ``w`` if its backoff is over; notice if it exited."""
@@ -220,8 +300,10 @@ class Supervisor:
         w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
 
     def status(self) -> list[dict[str, object]]:
+        """Every worker, then every standby (``worker_id`` and ``model`` None)."""
+        rows: list[dict[str, object]]
         with self._lock:
-            return [
+            rows = [
                 {
                     "worker_id": w.worker_id,
                     "model": w.deployment.name,
@@ -234,6 +316,20 @@ class Supervisor:
                 }
                 for w in self.workers
             ]
+            rows += [
+                {
+                    "worker_id": None,
+                    "model": None,
+                    "version": None,
+                    "slot": s.slot.name,
+                    "device": s.slot.device,
+                    "pid": s.proc.pid,
+                    "state": s.state,
+                    "restarts": 0,
+                }
+                for s in self.standbys
+            ]
+        return rows
 
     def ready_count(self, model: str) -> int:
         with self._lock:
@@ -263,6 +359,15 @@ class Supervisor:
             procs = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
             for w in self.workers:
                 w.state = "stopped"
+            standbys = [s.proc for s in self.standbys]
+            self.standbys.clear()
+        for proc in standbys:  # nothing held: end of input, or SIGTERM mid-start
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        procs += standbys
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)

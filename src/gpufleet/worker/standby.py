@@ -1,0 +1,112 @@
+"""Standby workers: a process started before any model is given to it.
+
+A fresh worker spends seconds before its first byte of weights: the interpreter, ``import
+torch`` (3-5 s on our GPU machine), the CUDA context, cuBLAS and the first kernels. A standby
+pays all that ahead, then waits on stdin for its assignment, so when the supervisor needs a
+worker (a restart after a crash, a new version) the model's load is bound by reading its
+weights. The price is one idle CUDA context per standby (a few hundred MiB of GPU memory).
+
+Protocol: the process writes ``standby`` on stdout once the device is ready, then reads one
+JSON line ``{"model": SPEC, "worker_id": ID, "lanes": [...], "grace_s": S}``. End of input
+(the supervisor stopping) exits 0; a line that is not a valid assignment exits 2 with one
+readable line on stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from typing import IO
+
+EXIT_BAD_ASSIGNMENT = 2
+
+
+class BadAssignment(ValueError):
+    """The line the standby read is not an assignment."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    model: str
+    worker_id: str
+    lanes: tuple[str, ...]
+    grace_s: float
+
+    def to_line(self) -> str:
+        body = {
+            "model": self.model,
+            "worker_id": self.worker_id,
+            "lanes": list(self.lanes),
+            "grace_s": self.grace_s,
+        }
+        return json.dumps(body) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> Assignment:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadAssignment(f"assignment is not JSON: {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise BadAssignment("assignment must be a JSON object")
+        model, worker_id = data.get("model"), data.get("worker_id")
+        lanes, grace_s = data.get("lanes", ["interactive", "batch"]), data.get("grace_s", 30.0)
+        if not isinstance(model, str) or not model:
+            raise BadAssignment("assignment.model must be a non-empty string")
+        if not isinstance(worker_id, str) or not worker_id:
+            raise BadAssignment("assignment.worker_id must be a non-empty string")
+        if not isinstance(lanes, list) or not all(isinstance(x, str) for x in lanes):
+            raise BadAssignment("assignment.lanes must be a list of lane names")
+        if not isinstance(grace_s, int | float) or isinstance(grace_s, bool) or grace_s < 0:
+            raise BadAssignment("assignment.grace_s must be a number >= 0")
+        return cls(model, worker_id, tuple(lanes), float(grace_s))
+
+
+def prepare_device(device: str) -> float:
+    """Pay the start-up costs that do not depend on the model; seconds spent.
+
+    Imports torch when it is installed (a model that needs none loses nothing), and on CUDA
+    creates the context, the cuBLAS handle and the kernels every transformer-shaped model
+    runs first (matmuls in each float precision, softmax, norms, activations, embedding),
+    and pins the host memory that safetensors weights are staged through.
+    """
+    t0 = time.perf_counter()
+    if importlib.util.find_spec("torch") is None:
+        return time.perf_counter() - t0
+    import torch
+
+    if not device.startswith("cuda"):
+        return time.perf_counter() - t0
+    dev = torch.device(device)
+    torch.cuda.init()  # type: ignore[no-untyped-call]
+    torch.cuda.set_device(dev)
+    cc = torch.cuda.get_device_capability(dev)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= (8, 0) else [])
+    from gpufleet.models.attention import serving_attention
+
+    with torch.inference_mode(), serving_attention():
+        ids = torch.arange(8, device=dev).view(1, 8)
+        for dtype in dtypes:
+            emb = torch.nn.functional.embedding(ids, torch.randn(16, 64, device=dev, dtype=dtype))
+            x = emb @ torch.randn(64, 64, device=dev, dtype=dtype)
+            x = torch.nn.functional.layer_norm(x, (64,))
+            x = torch.nn.functional.gelu(x) + torch.nn.functional.silu(x)
+            x = torch.softmax(x.float(), dim=-1).to(dtype)
+            torch.bmm(x, x.transpose(1, 2))
+            torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    torch.cuda.synchronize(dev)
+    from gpufleet.models.weights import reserve_staging
+
+    reserve_staging()  # pinned host memory for the weights' way to the GPU
+    return time.perf_counter() - t0
+
+
+def wait_for_assignment(stdin: IO[str], stdout: IO[str]) -> Assignment | None:
+    """Say ``standby``, then block for the assignment (None at end of input)."""
+    print("standby", file=stdout, flush=True)
+    line = stdin.readline()
+    if not line.strip():
+        return None
+    return Assignment.from_line(line)
