@@ -100,8 +100,12 @@ def test_a_standby_exits_cleanly_when_not_needed_and_refuses_garbage(data_dir: P
     unused = _standby(data_dir)
     assert unused.stdout is not None and unused.stdin is not None
     assert unused.stdout.readline().strip() == "standby"
+    unused.send_signal(signal.SIGINT)  # Ctrl-C in the terminal: the supervisor decides
+    time.sleep(0.3)
+    assert unused.poll() is None
     unused.stdin.close()
     assert unused.wait(30) == 0
+    assert unused.stderr is not None and "Traceback" not in unused.stderr.read()
 
     bad = _standby(data_dir)
     _, err = bad.communicate("not an assignment\n", timeout=60)

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_assignment,
         )
 
+        # Ctrl-C reaches the whole process group: a standby holds nothing, and the supervisor
+        # ends it by closing its stdin (no KeyboardInterrupt traceback in the terminal).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         prepare_device(args.device)
         try:
             assignment = wait_for_assignment(sys.stdin, sys.stdout)
