@@ -31,6 +31,9 @@ app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
 )
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+INSECURE = typer.Option(
+    None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
+)
 
 
 def open_registry(ctx: typer.Context) -> Registry:
@@ -264,9 +267,7 @@ def push_cmd(
     target: str = typer.Argument(
         ..., help="REGISTRY/REPOSITORY[:TAG]; the tag defaults to the version."
     ),
-    insecure: bool | None = typer.Option(
-        None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
-    ),
+    insecure: bool | None = INSECURE,
     json_out: bool = JSON,
 ) -> None:
     """Upload a version to an OCI registry (files it already has are skipped)."""
@@ -286,9 +287,7 @@ def push_cmd(
 def pull_cmd(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="REGISTRY/REPOSITORY:TAG or ...@sha256:DIGEST."),
-    insecure: bool | None = typer.Option(
-        None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
-    ),
+    insecure: bool | None = INSECURE,
     json_out: bool = JSON,
 ) -> None:
     """Download a version from an OCI registry into the local registry (digests checked)."""

@@ -45,7 +45,8 @@ class FileDigest:
         ]
 
 
-def _workers() -> int:
+def default_threads() -> int:
+    """Threads that read and hash a file: one per core, at most 16."""
     return max(1, min(16, os.cpu_count() or 1))
 
 
@@ -68,7 +69,7 @@ def hash_file(path: str | Path, *, chunk_size: int = CHUNK_SIZE) -> FileDigest:
     file = Path(path)
     size = file.stat().st_size
     ranges = [(s, min(chunk_size, size - s)) for s in range(0, size, chunk_size)]
-    with ThreadPoolExecutor(_workers()) as pool:
+    with ThreadPoolExecutor(default_threads()) as pool:
         chunk_futures = [pool.submit(_hash_range, file, o, n) for o, n in ranges]
         whole = _hash_range(file, 0, size)
         chunks = tuple(f.result() for f in chunk_futures)
@@ -90,23 +91,34 @@ def verify_file(path: str | Path, expected: FileDigest, *, name: str | None = No
         size = file.stat().st_size
     except OSError as exc:
         raise IntegrityError(f"{label}: cannot read: {exc}", path=label) from exc
+    check_size(label, size, expected)
+    if expected.chunks:
+        with ThreadPoolExecutor(default_threads()) as pool:
+            got = pool.map(lambda r: _hash_range(file, *r), expected.chunk_ranges())
+            check_chunks(label, expected, dict(enumerate(got)))
+    elif _hash_range(file, 0, size) != expected.sha256:
+        raise mismatch(label, "sha256")
+
+
+def check_size(label: str, size: int, expected: FileDigest) -> None:
+    """Raise ``IntegrityError`` unless a file of ``size`` bytes can match ``expected``."""
     if size != expected.size:
         raise IntegrityError(
             f"{label}: size {size} bytes, recorded {expected.size}: the file was changed "
             "or truncated; refusing to load it",
             path=label,
         )
-    if expected.chunks:
-        ranges = expected.chunk_ranges()
-        if len(ranges) != len(expected.chunks):
-            raise IntegrityError(f"{label}: chunk list does not match its size", path=label)
-        with ThreadPoolExecutor(_workers()) as pool:
-            got = list(pool.map(lambda r: _hash_range(file, *r), ranges))
-        bad = [i for i, (a, b) in enumerate(zip(got, expected.chunks, strict=True)) if a != b]
-        if bad:
-            raise mismatch(label, f"chunk {bad[0]} (bytes {ranges[bad[0]][0]}-)")
-    elif _hash_range(file, 0, size) != expected.sha256:
-        raise mismatch(label, "sha256")
+    if expected.chunks and len(expected.chunks) != len(expected.chunk_ranges()):
+        raise IntegrityError(f"{label}: chunk list does not match its size", path=label)
+
+
+def check_chunks(label: str, expected: FileDigest, got: dict[int, str]) -> None:
+    """Raise ``IntegrityError`` naming the first chunk whose digest in ``got`` (by index)
+    is missing or differs from the recorded one."""
+    bad = [i for i, want in enumerate(expected.chunks) if got.get(i) != want]
+    if bad:
+        start = expected.chunk_ranges()[bad[0]][0]
+        raise mismatch(label, f"chunk {bad[0]} (bytes {start}-)")
 
 
 def mismatch(label: str, where: str) -> IntegrityError:

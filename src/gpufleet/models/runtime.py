@@ -76,6 +76,15 @@ def unload(runner: ModelRunner) -> None:
         fn()
 
 
+def release_cuda_cache(device: str | None) -> None:
+    """Give the CUDA caching allocator's free blocks back to the driver (after an unload or
+    an out-of-memory error); nothing on other devices, and torch is imported only for CUDA."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error, recognised without importing torch."""
     name = type(error).__name__

@@ -179,6 +179,31 @@ def _chunk_hasher(header: Header, digest: integrity.FileDigest, chunk: int) -> A
     return h
 
 
+def _read_segment(
+    fd: int,
+    file: Path,
+    header: Header,
+    digest: integrity.FileDigest | None,
+    seg: _Segment,
+    block_size: int,
+    got: dict[int, str],
+    into: Callable[[int, int], memoryview],
+    then: Callable[[int, int], None] | None = None,
+) -> None:
+    """Read ``seg`` block by block into ``into(offset, n)``, hashing it when its chunk has a
+    digest (recorded in ``got``); ``then(offset, n)`` runs once each block is in."""
+    h = _chunk_hasher(header, digest, seg.chunk) if digest and seg.chunk is not None else None
+    for off, n in seg.blocks(block_size):
+        view = into(off, n)
+        _pread_into(fd, view, off, file)
+        if h is not None:
+            h.update(view)
+        if then is not None:
+            then(off, n)
+    if h is not None and seg.chunk is not None:
+        got[seg.chunk] = h.hexdigest()
+
+
 def _pread_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
     done = 0
     while done < len(view):
@@ -194,24 +219,8 @@ def _checked_digest(file: Path, header: Header) -> integrity.FileDigest | None:
     digest = integrity.expected_digest(file)
     if digest is None or not integrity.unverified([file]):
         return None
-    if digest.size != header.file_size:
-        raise IntegrityError(
-            f"{integrity.label_of(file)}: size {header.file_size} bytes, recorded "
-            f"{digest.size}: the file was changed or truncated; refusing to load it",
-            path=str(file),
-        )
-    if digest.chunks and len(digest.chunks) != len(digest.chunk_ranges()):
-        raise IntegrityError(
-            f"{integrity.label_of(file)}: chunk list does not match its size", path=str(file)
-        )
+    integrity.check_size(integrity.label_of(file), header.file_size, digest)
     return digest
-
-
-def _check_chunks(file: Path, digest: integrity.FileDigest, got: dict[int, str]) -> None:
-    bad = [i for i, want in enumerate(digest.chunks) if got.get(i) != want]
-    if bad:
-        start = digest.chunk_ranges()[bad[0]][0]
-        raise integrity.mismatch(integrity.label_of(file), f"chunk {bad[0]} (bytes {start}-)")
 
 
 # -- the loader ---------------------------------------------------------------------------
@@ -241,7 +250,7 @@ def load_safetensors(
     digest = _checked_digest(file, header)
     hashed = digest if digest is not None and digest.chunks else None
     segments = _segments(header, hashed)
-    n_threads = max(1, min(threads or _default_threads(), len(segments)))
+    n_threads = max(1, min(threads or integrity.default_threads(), len(segments)))
     data_len = header.file_size - header.data_start
     on_cuda = torch.device(device).type == "cuda"
     buffer = torch.empty(data_len, dtype=torch.uint8, device=device)
@@ -256,7 +265,7 @@ def load_safetensors(
         os.close(fd)
     if digest is not None:
         if hashed is not None:
-            _check_chunks(file, hashed, got)
+            integrity.check_chunks(integrity.label_of(file), hashed, got)
         else:  # a whole-file digest only: one more (page-cache) pass, in order
             integrity.verify_file(file, digest)
         integrity.claim_verified(file)
@@ -272,7 +281,7 @@ def reserve_staging(threads: int | None = None, block_size: int = BLOCK_SIZE) ->
     buffer and frees it when done, so a serving process keeps no pinned memory."""
     import torch
 
-    n = (threads or _default_threads()) * _RING * block_size
+    n = (threads or integrity.default_threads()) * _RING * block_size
     _reserved[:] = [torch.empty(n, dtype=torch.uint8, pin_memory=True)]
 
 
@@ -283,10 +292,6 @@ def _take_staging(nbytes: int) -> torch.Tensor:
         return _reserved.pop()[:nbytes]
     _reserved.clear()
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-
-def _default_threads() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
 
 
 def _read_to_host(
@@ -303,15 +308,11 @@ def _read_to_host(
     """Read straight into the destination tensor: no staging on CPU."""
     dest = buffer.numpy().data if buffer.device.type == "cpu" else memoryview(b"")
 
+    def into(off: int, n: int) -> memoryview:
+        return dest[off - header.data_start : off - header.data_start + n]
+
     def read(seg: _Segment) -> None:
-        h = _chunk_hasher(header, digest, seg.chunk) if digest and seg.chunk is not None else None
-        for off, n in seg.blocks(block_size):
-            view = dest[off - header.data_start : off - header.data_start + n]
-            _pread_into(fd, view, off, file)
-            if h is not None:
-                h.update(view)
-        if h is not None and seg.chunk is not None:
-            got[seg.chunk] = h.hexdigest()
+        _read_segment(fd, file, header, digest, seg, block_size, got, into)
 
     with ThreadPoolExecutor(n_threads, thread_name_prefix="weights-read") as pool:
         list(pool.map(read, segments))
@@ -349,30 +350,29 @@ def _read_to_cuda(
         stream = torch.cuda.Stream(device=buffer.device)  # type: ignore[no-untyped-call]
         events: list[Any] = [None] * _RING
         k = 0
+
+        def into(off: int, n: int) -> memoryview:
+            """The next pinned buffer of this thread's ring, once its last copy is done."""
+            slot = k % _RING
+            if events[slot] is not None:
+                events[slot].synchronize()
+            base = (t * _RING + slot) * block_size
+            return host[base : base + n]
+
+        def then(off: int, n: int) -> None:
+            """Copy the block just read to the device, on this thread's stream."""
+            nonlocal k
+            slot = k % _RING
+            k += 1
+            base, dst = (t * _RING + slot) * block_size, off - header.data_start
+            with torch.cuda.stream(stream):
+                buffer[dst : dst + n].copy_(staging[base : base + n], non_blocking=True)
+                events[slot] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                events[slot].record(stream)
+
         try:
             while (seg := next_segment()) is not None:
-                h = (
-                    _chunk_hasher(header, digest, seg.chunk)
-                    if digest and seg.chunk is not None
-                    else None
-                )
-                for off, n in seg.blocks(block_size):
-                    slot = k % _RING
-                    k += 1
-                    if events[slot] is not None:
-                        events[slot].synchronize()
-                    base = (t * _RING + slot) * block_size
-                    view = host[base : base + n]
-                    _pread_into(fd, view, off, file)
-                    if h is not None:
-                        h.update(view)
-                    dst = off - header.data_start
-                    with torch.cuda.stream(stream):
-                        buffer[dst : dst + n].copy_(staging[base : base + n], non_blocking=True)
-                        events[slot] = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                        events[slot].record(stream)
-                if h is not None and seg.chunk is not None:
-                    got[seg.chunk] = h.hexdigest()
+                _read_segment(fd, file, header, digest, seg, block_size, got, into, then)
         except BaseException:
             failed.set()
             raise
@@ -444,17 +444,7 @@ class Prefetch:
 
         def read(seg: _Segment) -> None:
             scratch = memoryview(bytearray(min(block, seg.end - seg.start)))
-            h = (
-                _chunk_hasher(header, hashed, seg.chunk)
-                if hashed and seg.chunk is not None
-                else None
-            )
-            for off, n in seg.blocks(block):
-                _pread_into(fd, scratch[:n], off, self.path)
-                if h is not None:
-                    h.update(scratch[:n])
-            if h is not None and seg.chunk is not None:
-                got[seg.chunk] = h.hexdigest()
+            _read_segment(fd, self.path, header, hashed, seg, block, got, lambda _, n: scratch[:n])
 
         try:
             with ThreadPoolExecutor(threads, thread_name_prefix="weights-prefetch") as pool:
@@ -462,7 +452,7 @@ class Prefetch:
         finally:
             os.close(fd)
         if hashed is not None:
-            _check_chunks(self.path, hashed, got)
+            integrity.check_chunks(integrity.label_of(self.path), hashed, got)
             integrity.claim_verified(self.path)
 
 
@@ -477,7 +467,7 @@ def prefetch(path: str | Path, *, threads: int | None = None) -> Prefetch:
     with _prefetch_lock:
         running = _prefetches.get(file)
         if running is None:
-            running = _prefetches[file] = Prefetch(file, threads or _default_threads())
+            running = _prefetches[file] = Prefetch(file, threads or integrity.default_threads())
     return running
 
 

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpufleet.errors import GpufleetError, InvalidInput, LeaseLost, TaskFinished
-from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory
+from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
 
@@ -217,7 +217,7 @@ class Worker:
                 raise TypeError(f"predict returned {got} outputs for {len(batch)} inputs")
         except Exception as e:
             if is_out_of_memory(e):
-                self._free_cache()
+                release_cuda_cache(self.config.device)
                 if len(batch) == 1:
                     log.warning("task %s does not fit in device memory alone", batch[0].id)
                     return [ItemError("out_of_memory", _short(e), retryable=True)]
@@ -244,17 +244,11 @@ class Worker:
                 error = TypeError(f"predict returned {outputs!r:.80} for one input")
             except Exception as e:
                 if is_out_of_memory(e):
-                    self._free_cache()
+                    release_cuda_cache(self.config.device)
                     return ItemError("out_of_memory", _short(e), retryable=True)
                 error = e
         log.warning("task %s failed in predict: %s", task.id, _short(error))
         return ItemError("model_error", _short(error), retryable=False)
-
-    def _free_cache(self) -> None:
-        if self.config.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
 
     # -- outcomes ----------------------------------------------------------------------------
 

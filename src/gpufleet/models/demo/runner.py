@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from gpufleet.models.runtime import Batching, ItemError, ModelInfo
+from gpufleet.models.runtime import Batching, ItemError, ModelInfo, release_cuda_cache
 
 WEIGHTS_FILE = "digits.safetensors"
 DEFAULT_DIR = Path(__file__).parent
@@ -143,10 +143,7 @@ class DigitsRunner:
 
     def unload(self) -> None:
         self._params = {}
-        if self._device and self._device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_cuda_cache(self._device)
         self._device = None
 
     def predict(self, inputs: list[Any]) -> list[Any]:

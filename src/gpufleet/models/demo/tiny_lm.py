@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpufleet.errors import InvalidInput
-from gpufleet.models.runtime import Batching, ItemError, ModelInfo
+from gpufleet.models.runtime import Batching, ItemError, ModelInfo, release_cuda_cache
 from gpufleet.models.weights import TensorSpec, load_safetensors, write_safetensors
 
 if TYPE_CHECKING:
@@ -278,10 +278,7 @@ class TinyLM:
 
     def unload(self) -> None:
         self._net = None
-        if self.device and self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_cuda_cache(self.device)
         self.device = None
 
     def predict(self, inputs: list[Any]) -> list[Any]:

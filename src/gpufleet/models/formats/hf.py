@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpufleet.models.formats.spec import LoadSpec, torch_dtype
-from gpufleet.models.runtime import Batching, ItemError, ModelInfo
+from gpufleet.models.runtime import Batching, ItemError, ModelInfo, release_cuda_cache
 
 if TYPE_CHECKING:
     from gpufleet.models.formats.hf_inference import LoadedModel
@@ -99,10 +99,7 @@ class HfRunner:
 
     def unload(self) -> None:
         device, self._loaded, self.device = self.device, None, None
-        if device and device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_cuda_cache(device)
 
     @property
     def model(self) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 
 from gpufleet.models.formats import tensors
 from gpufleet.models.formats.spec import LoadSpec, torch_dtype
-from gpufleet.models.runtime import Batching, ModelInfo
+from gpufleet.models.runtime import Batching, ModelInfo, release_cuda_cache
 
 if TYPE_CHECKING:
     import torch
@@ -94,10 +94,7 @@ class TorchScriptRunner:
 
     def unload(self) -> None:
         device, self._module, self.device = self.device, None, None
-        if device and device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_cuda_cache(device)
 
     def predict(self, inputs: list[Any]) -> list[Any]:
         if self._module is None:
