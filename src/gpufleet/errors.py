@@ -14,11 +14,13 @@ GpufleetError                         code             HTTP
 ├── QuotaExceeded                     quota_exceeded   429
 ├── IntegrityError                    integrity_error  500 (a stored file's digest is wrong)
 ├── IncompatibleGpu                   incompatible_gpu 422 (model needs another GPU or CUDA)
+├── InsufficientGpu                   insufficient_gpu 409 (not enough GPU, memory or compute)
 ├── ApiError (client)                 api_error        502 (or the server's code and status)
 ├── TaskFailed (client: run)          task_failed      409
 ├── TaskCancelled (client: run)       task_cancelled   409
 ├── WaitTimeout (client: wait, run)   wait_timeout     504
 └── Unavailable                       unavailable      503
+    ├── MpsUnavailable                mps_unavailable
     ├── StorageFull                   storage_full     507
     └── StreamStalled (client)        stream_stalled
 
@@ -134,11 +136,25 @@ class IncompatibleGpu(GpufleetError):
     http_status = 422
 
 
+class InsufficientGpu(GpufleetError):
+    """The GPUs here cannot hold what the models ask for (whole GPUs, memory, compute share);
+    the message names the GPU and the shortfall."""
+
+    code = "insufficient_gpu"
+    http_status = 409
+
+
 class Unavailable(GpufleetError):
     """A dependency (database, blob store) cannot take the request now; retry later."""
 
     code = "unavailable"
     http_status = 503
+
+
+class MpsUnavailable(Unavailable):
+    """An MPS control daemon could not start (binary missing, no permission, GPU refused)."""
+
+    code = "mps_unavailable"
 
 
 class StorageFull(Unavailable):

@@ -16,6 +16,7 @@ from gpufleet.models import Batching, ItemError, ModelInfo
 from gpufleet.queue import TaskQueue, TaskSpec, TaskStatus
 from gpufleet.store import LocalBlobStore
 from gpufleet.worker import Worker, WorkerConfig
+from gpufleet.worker.limits import WorkerLimits
 
 
 class Doubler:
@@ -175,3 +176,18 @@ def test_stopping_finishes_the_batch_in_hand(q: TaskQueue) -> None:
     tasks = q.get_many(ids)
     assert [tasks[i].status for i in ids] == ["succeeded", "succeeded", "queued", "queued"]
     assert all(t.lease_owner is None for t in tasks.values())
+
+
+def test_out_of_memory_under_a_gpu_share_says_which_limit(q: TaskQueue) -> None:
+    [tid] = [s.task.id for s in q.submit_many([TaskSpec("double", "1", 1, max_attempts=1)])]
+    model = Doubler(max_batch=1, oom_above=0)
+    model.oom_above = -1  # every batch is too big: the one input does not fit alone
+    limits = WorkerLimits("fraction", memory_mib=2048, compute_percent=50)
+    with Running(q, model, limits=limits):
+        task = _wait_finished(q, [tid])[tid]
+    assert task.status == TaskStatus.FAILED and task.error is not None
+    assert task.error.code == "out_of_memory"
+    assert task.error.message.startswith(
+        "the input does not fit in this worker's share of the GPU, 2.0 GB "
+        "(resources.gpu.memory_gb, mode fraction): CUDA out of memory"
+    )

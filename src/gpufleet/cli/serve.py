@@ -12,10 +12,12 @@ import os
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import typer
 
 from gpufleet.cli.context import console, fail, reported_errors, state
+from gpufleet.gpu.allocation import Placement, write_allocations
 
 DEFAULT_MODEL = "builtin:digits"
 
@@ -46,6 +48,20 @@ def serve(
         "restarting worker takes over: restarts are then bound by reading the weights. Each "
         "costs an idle CUDA context on its GPU.",
     ),
+    placement: str = typer.Option(
+        "binpack",
+        "--placement",
+        envvar="GPUFLEET_PLACEMENT",
+        help="How workers that share GPUs (mode fraction or mps) are placed with --replicas: "
+        "binpack (fill a GPU first) or spread (the emptiest GPU first).",
+    ),
+    replicas: int | None = typer.Option(
+        None,
+        "--replicas",
+        min=1,
+        max=1024,
+        help="Workers per model (default: --workers-per-gpu on every GPU or GPU group it gets).",
+    ),
     grace_s: float = typer.Option(
         30.0, "--grace", min=0, help="Seconds a stopping worker may finish its batch."
     ),
@@ -56,6 +72,8 @@ def serve(
 ) -> None:
     """Serve models: HTTP API, durable queue and GPU workers."""
     settings = state(ctx).settings
+    if placement not in ("binpack", "spread"):
+        fail(f"invalid_input: --placement must be binpack or spread, got {placement!r}")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -71,18 +89,22 @@ def serve(
         from gpufleet.api.app import ApiContext, DeployedModel, create_app
         from gpufleet.api.keys import KeyStore
         from gpufleet.api.webhooks import WebhookDispatcher
+        from gpufleet.gpu.allocation import GpuRequest
+        from gpufleet.gpu.discovery import discover
         from gpufleet.models.loader import open_model
+        from gpufleet.models.manifest import GpuSpec
         from gpufleet.models.registry import Registry, looks_like_ref
         from gpufleet.queue import LeaseReaper, TaskQueue
         from gpufleet.store import upgrade
-        from gpufleet.worker.supervisor import Deployment, Supervisor, discover_slots
+        from gpufleet.worker.placement import plan_workers, visible
+        from gpufleet.worker.supervisor import Deployment, Supervisor
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         queue = TaskQueue.from_settings(settings)
         upgrade(queue.engine)
         specs = model or [DEFAULT_MODEL]
         deployed: list[DeployedModel] = []
-        deployments: list[Deployment] = []
+        models: list[tuple[Deployment, GpuRequest]] = []
         registry = Registry(settings.resolved_registry_dir())
         for spec in specs:
             if looks_like_ref(spec):
@@ -95,22 +117,41 @@ def serve(
             if any(d.info.name == runner.info.name for d in deployed):
                 fail(f"invalid_input: model {runner.info.name} is given twice")
             deployed.append(DeployedModel(runner.info, runner.batching))
-            deployments.append(Deployment(spec, runner.info.name, runner.info.version))
+            gpu = runner.manifest.model.resources.gpu if runner.manifest else GpuSpec()
+            request = GpuRequest(
+                runner.info.name,
+                runner.info.version,
+                gpu.mode,
+                gpu.count or 1,
+                gpu.memory_gb,
+                gpu.compute_percent,
+                replicas,
+            )
+            models.append((Deployment(spec, runner.info.name, runner.info.version), request))
         keys = KeyStore(queue.engine)
         new_admin_key = None
         if not insecure_no_auth and keys.count_active() == 0:
             _, new_admin_key = keys.create("default", admin=True, name="first admin key")
 
-        slots = discover_slots(cpu_slots)
+        gpu_host = visible(discover(), os.environ)
+        plan_policy: Literal["binpack", "spread"] = "spread" if placement == "spread" else "binpack"
+        plan = plan_workers(
+            gpu_host,
+            models,
+            run_dir=run_dir,
+            workers_per_gpu=workers_per_gpu,
+            cpu_slots=cpu_slots,
+            policy=plan_policy,
+        )
         env = dict(os.environ)
         env["GPUFLEET_DATA_DIR"] = str(settings.data_dir)
         env["GPUFLEET_DATABASE_URL"] = settings.resolved_database_url()
         env["GPUFLEET_BLOB_DIR"] = str(settings.resolved_blob_dir())
         env["GPUFLEET_REGISTRY_DIR"] = str(settings.resolved_registry_dir())
         supervisor = Supervisor(
-            deployments,
-            slots,
-            workers_per_slot=workers_per_gpu,
+            [],
+            [],
+            placements=plan.workers,
             env=env,
             grace_s=grace_s,
             standby_per_slot=standby,
@@ -151,10 +192,12 @@ def serve(
         f"API        {base}/v1   (docs: {base}/docs)",
         f"health     {base}/healthz   metrics: {base}/metrics",
         f"database   {_safe_url(settings.resolved_database_url())}",
-        f"workers    {len(supervisor.workers)} on "
-        + ", ".join(f"{s.name} ({s.device})" for s in slots)
+        f"workers    {len(supervisor.workers)}: "
+        + _placements_line(plan.placements)
         + (f"; {standby} standby per slot" if standby else ""),
     ]
+    if not gpu_host.gpus:
+        lines.append(f"GPUs       none ({gpu_host.error}): workers run on CPU slots")
     if insecure_no_auth:
         lines.append("[bold red]auth       OFF (--insecure-no-auth): anyone can call this API")
     elif new_admin_key:
@@ -170,15 +213,39 @@ def serve(
     for line in lines:
         console.print(line, soft_wrap=True, highlight=False)
     console.rule()
-    supervisor.start()
-    reaper.start()
+    allocations = run_dir / "allocations.json"
+    with reported_errors():
+        plan.start_mps()
     try:
+        write_allocations(allocations, gpu_host, plan.placements, policy=plan_policy)
+        supervisor.start()
+        reaper.start()
         server.run()  # until SIGINT / SIGTERM
     finally:
         console.print("stopping: draining workers")
         supervisor.stop()
+        plan.mps.stop()
         reaper.stop()
         queue.close()
+        allocations.unlink(missing_ok=True)
+
+
+def _placements_line(placements: list[Placement]) -> str:
+    """``digits x2 on gpu0 (fraction 4.0 GB, 50%)``-style summary, one entry per model and
+    slot."""
+    groups: dict[tuple[str, str], list[Placement]] = {}
+    for p in placements:
+        groups.setdefault((p.model, p.slot), []).append(p)
+    parts = []
+    for (model, slot), ps in groups.items():
+        p = ps[0]
+        share = ""
+        if p.mode in ("fraction", "mps"):
+            share = f" ({p.mode} {p.memory_mib / 1024 if p.memory_mib else 0:.1f} GB, "
+            share += f"{p.compute_percent}%)"
+        device = "cpu" if not p.gpus else "cuda"
+        parts.append(f"{model} x{len(ps)} on {slot} ({device}){share}")
+    return ", ".join(parts)
 
 
 def _server_class() -> type:

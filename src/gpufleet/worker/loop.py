@@ -40,6 +40,7 @@ from gpufleet.errors import GpufleetError, InvalidInput, LeaseLost, TaskFinished
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
+from gpufleet.worker.limits import WorkerLimits
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class WorkerConfig:
     max_queue_delay_ms: float | None = None  # default: the runner's
     idle_poll_s: float = 1.0  # the safety-net poll behind wake-ups
     heartbeat_s: float | None = None  # default: a third of the queue's lease
+    limits: WorkerLimits = field(default_factory=WorkerLimits)  # its share of the GPU
 
 
 @dataclass
@@ -220,7 +222,7 @@ class Worker:
                 release_cuda_cache(self.config.device)
                 if len(batch) == 1:
                     log.warning("task %s does not fit in device memory alone", batch[0].id)
-                    return [ItemError("out_of_memory", _short(e), retryable=True)]
+                    return [self._out_of_memory(e)]
                 half = len(batch) // 2
                 log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half,
                             len(batch) - half)  # fmt: skip
@@ -245,10 +247,14 @@ class Worker:
             except Exception as e:
                 if is_out_of_memory(e):
                     release_cuda_cache(self.config.device)
-                    return ItemError("out_of_memory", _short(e), retryable=True)
+                    return self._out_of_memory(e)
                 error = e
         log.warning("task %s failed in predict: %s", task.id, _short(error))
         return ItemError("model_error", _short(error), retryable=False)
+
+    def _out_of_memory(self, error: BaseException) -> ItemError:
+        message = self.config.limits.out_of_memory_message(error)
+        return ItemError("out_of_memory", message[:500], retryable=True)
 
     # -- outcomes ----------------------------------------------------------------------------
 

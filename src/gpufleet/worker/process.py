@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         help="prepare the device, then read the model and worker id from stdin (one JSON line)",
     )
     args = parser.parse_args(argv)
+    from gpufleet.worker.limits import WorkerLimits
+
+    # The GPU share and CPUs the supervisor gave this slot, before anything touches the device.
+    limits = WorkerLimits.from_env()
+    applied = limits.apply(args.device)
     if args.standby:
         from gpufleet.worker.standby import (
             EXIT_BAD_ASSIGNMENT,
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for note in applied:
+        logging.getLogger(__name__).info("%s", note)
     from gpufleet.errors import GpufleetError, IncompatibleGpu, IntegrityError
     from gpufleet.queue import TaskQueue
     from gpufleet.settings import Settings
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=args.worker_id,
         device=args.device,
         lanes=tuple(x for x in args.lanes.split(",") if x),
+        limits=limits,
     )
 
     def ready() -> None:

@@ -1,8 +1,9 @@
 """The supervisor: one worker process per slot per deployed model, kept alive, drained on stop.
 
-A slot is a GPU (the worker sees only that GPU: ``CUDA_VISIBLE_DEVICES``) or, on a host without
-GPUs, a CPU slot. ``workers_per_slot`` > 1 runs several workers on one GPU (small models that
-leave it idle between batches).
+A slot is what one worker runs on: GPUs (the worker sees only them: ``CUDA_VISIBLE_DEVICES``)
+with the limits of its share (``env``: memory cap, MPS pipe and percentages, CPU affinity), or
+a CPU slot on a host without GPUs. ``gpufleet.gpu.allocation`` decides the placements; without
+them every deployment runs ``workers_per_slot`` workers on every slot.
 
 A worker that exits on its own is restarted with exponential backoff (1 s doubling to 60 s,
 back to 1 s after a minute of healthy running), so a model that crashes at load does not spin.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,44 +44,14 @@ BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
 
 @dataclass(frozen=True)
 class Slot:
-    name: str  # "cpu0", "gpu0"
+    name: str  # "cpu0", "gpu0", "gpu0+1"
     device: str  # what the worker loads onto: "cpu" or "cuda:0"
     visible_gpu: str | None = None  # CUDA_VISIBLE_DEVICES for the worker
+    env: tuple[tuple[str, str], ...] = ()  # the share's limits (see worker.limits, gpu.mps)
 
     @property
     def is_gpu(self) -> bool:
         return self.visible_gpu is not None
-
-
-def discover_slots(cpu_slots: int = 1) -> list[Slot]:
-    """The local GPUs (via ``nvidia-smi``: no CUDA library is loaded in this process), or
-    ``cpu_slots`` CPU slots when there are none."""
-    gpus = _nvidia_smi_indices()
-    if gpus:
-        return [Slot(f"gpu{i}", "cuda:0", visible_gpu=i) for i in gpus]
-    return [Slot(f"cpu{i}", "cpu") for i in range(max(1, cpu_slots))]
-
-
-def _nvidia_smi_indices() -> list[str]:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    found = [line.strip() for line in out.splitlines() if line.strip()]
-    if visible is not None:
-        allowed = {v.strip() for v in visible.split(",") if v.strip()}
-        found = [i for i in found if i in allowed]
-    return found
 
 
 @dataclass(frozen=True)
@@ -130,11 +100,16 @@ class Supervisor:
         grace_s: float = 30.0,
         poll_s: float = 0.2,
         standby_per_slot: int = 0,
+        placements: list[tuple[Deployment, Slot, str]] | None = None,
     ) -> None:
+        """``placements``: (deployment, slot, worker name) for each worker, when an allocator
+        chose them; otherwise ``workers_per_slot`` workers of every deployment on every slot."""
         self.env = dict(os.environ if env is None else env)
         self.grace_s = grace_s
         self.poll_s = poll_s
         self.workers: list[WorkerHandle] = []
+        if placements is not None:
+            slots = [slot for _, slot, _ in placements]
         self.slots = list(dict.fromkeys(slots))
         self.standby_per_slot = standby_per_slot
         self.standbys: list[StandbyHandle] = []
@@ -142,11 +117,16 @@ class Supervisor:
         self._standby_backoff = {slot: BACKOFF_MIN_S for slot in self.slots}
         self._standby_next = {slot: 0.0 for slot in self.slots}
         host = os.uname().nodename
-        for dep in deployments:
-            for slot in slots:
-                for k in range(workers_per_slot):
-                    wid = f"{host}/{dep.name}@{dep.version}/{slot.name}.{k}/{os.getpid()}"
-                    self.workers.append(WorkerHandle(wid, dep, slot))
+        if placements is None:
+            placements = [
+                (dep, slot, f"{dep.name}@{dep.version}/{slot.name}.{k}")
+                for dep in deployments
+                for slot in slots
+                for k in range(workers_per_slot)
+            ]
+        for dep, slot, name in placements:
+            wid = f"{host}/{name}/{os.getpid()}"
+            self.workers.append(WorkerHandle(wid, dep, slot))
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,6 +143,7 @@ class Supervisor:
         env = dict(self.env)
         if slot.visible_gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
+        env.update(slot.env)
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--device", slot.device, *args]
         proc = subprocess.Popen(
             cmd,
