@@ -161,7 +161,24 @@ def discover_with(nvml: Any, *, source: str) -> HostInfo:
     count = ask("nvmlDeviceGetCount")
     if count is None:
         return HostInfo(gpus=[], error="NVML could not count the GPUs", source=source)
-    handles = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+    driver_version = _text(driver) if driver else None
+    if count == 0:
+        return HostInfo(
+            gpus=[], driver_version=driver_version, error="NVML sees no GPUs", source=source
+        )
+    handles = []
+    for i in range(count):
+        try:
+            handles.append((i, nvml.nvmlDeviceGetHandleByIndex(i)))
+        except err as exc:
+            # A GPU off the bus (GPU_IS_LOST) or refused: the others' indices would no longer
+            # be CUDA's, so report the host broken rather than serve on the wrong GPUs.
+            return HostInfo(
+                gpus=[],
+                driver_version=driver_version,
+                error=f"NVML cannot open GPU {i}: {exc}",
+                source=source,
+            )
     by_bus: dict[str, int] = {}
     gpus = []
     for index, handle in handles:
@@ -190,7 +207,7 @@ def discover_with(nvml: Any, *, source: str) -> HostInfo:
             topology[_pair(a, b)] = TOPOLOGY_WORDS.get(level, "SYS") if level is not None else "SYS"
     return HostInfo(
         gpus=gpus,
-        driver_version=_text(driver) if driver else None,
+        driver_version=driver_version,
         driver_cuda=(cuda // 1000, (cuda % 1000) // 10) if cuda else None,
         nvml_version=_text(ask("nvmlSystemGetNVMLVersion") or "") or None,
         source=source,

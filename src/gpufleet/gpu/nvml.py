@@ -169,7 +169,8 @@ class ReplayNvml:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise NvmlUnavailable(f"cannot read the NVML recording {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        calls = data.get("calls") if isinstance(data, dict) else None
+        if not isinstance(calls, dict) or data.get("format") != FORMAT:
             raise NvmlUnavailable(f"{path} is not a gpufleet NVML recording ({FORMAT})")
         replay = cls(data["calls"], source=str(path))
         init = data["calls"].get("nvmlInit()")
