@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from gpufleet import __version__
-from gpufleet.cli import db, gpus, keys, models, queue, serve, tasks
+from gpufleet.cli import db, doctor, gpus, keys, models, queue, serve, tasks
 from gpufleet.cli.context import CliState, console, load_settings
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.command("status")(tasks.status)
 app.command("result")(tasks.result)
 app.command("cancel")(tasks.cancel)
 app.command("tasks")(tasks.tasks)
+app.command("doctor")(doctor.doctor)
 app.command("gpus")(gpus.gpus)
 app.command("node-labels")(gpus.node_labels)
 

@@ -6,12 +6,14 @@ are gathered elsewhere (``facts_for_device``, NVML); nothing here touches a GPU.
 
 Sources: CUDA Compatibility guide (driver >= runtime; minor-version compatibility within a major
 release since 11.1), the CUDA C Programming Guide (binary compatibility within a major compute
-capability, upwards only), and the precision tables (bf16 from 8.0, fp8 from 8.9, fp16 tensor
-cores from 7.0).
+capability, upwards only), the precision tables (bf16 from 8.0, fp8 from 8.9, fp16 tensor
+cores from 7.0), and the MPS guide (per-client limits from Volta; the pinned memory limit from
+CUDA 11.5).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -243,6 +245,146 @@ def check_model(
         *check_cuda_range(cuda, facts, subject=subject),
         *check_arch(archs, facts, subject=subject),
         *check_precision(precision, facts),
+    ]
+
+
+# MPS's per-client limits: the thread share needs Volta MPS, the memory limit a newer driver.
+MPS_LIMITS_MIN: Capability = (7, 0)
+MPS_MEMORY_LIMIT_CUDA: Capability = (11, 5)
+
+
+def check_mps(facts: DeviceFacts, *, memory_limit: bool, subject: str) -> list[Finding]:
+    """Can the driver enforce an MPS client's share on this device (NVIDIA's MPS guide)?"""
+    cc, drv = facts.capability, facts.driver_cuda
+    if facts.kind != "cuda" or cc is None:
+        return []
+    out = []
+    if cc < MPS_LIMITS_MIN:
+        out.append(
+            Finding(
+                Severity.ERROR,
+                "mps.volta",
+                f"{subject} asks for mode mps; this GPU is {facts.label}",
+                "MPS clients get their own address space and a compute share "
+                "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) only with Volta MPS, compute capability "
+                ">= 7.0: before it, one client's fault ends them all and no share is enforced.",
+                "use mode fraction on this GPU, or a Volta or newer GPU for mode mps",
+                facts.name,
+            )
+        )
+    if memory_limit and drv is not None and drv < MPS_MEMORY_LIMIT_CUDA:
+        out.append(
+            Finding(
+                Severity.ERROR,
+                "mps.memory_limit",
+                f"{subject} asks for mode mps with memory_gb; driver {facts.driver_version} "
+                f"supports CUDA up to {fmt(drv)}",
+                "The MPS memory limit (CUDA_MPS_PINNED_DEVICE_MEM_LIMIT) needs a driver for "
+                "CUDA >= 11.5: an older one ignores it, so memory_gb would not be enforced and "
+                "one client could take the whole GPU.",
+                "upgrade the driver to R495 or newer (CUDA >= 11.5), or use mode fraction "
+                "(the worker enforces memory_gb itself)",
+                facts.name,
+            )
+        )
+    return out
+
+
+def check_sharing(
+    mode: str, *, compute_mode: str, mig: bool | None, facts: DeviceFacts, subject: str, ids: str
+) -> list[Finding]:
+    """Does the GPU's MIG and compute mode allow gpufleet's sharing ``mode`` on it? ``ids``:
+    the GPU indices, for the ``nvidia-smi -i`` in the fix. Errors here mean gpufleet skips the
+    GPU for this model (it does not schedule MIG instances), not that the model cannot run."""
+    if mode == "none":
+        return []
+    if mig:
+        return [
+            Finding(
+                Severity.ERROR,
+                "sharing.mig",
+                f"{facts.name} has MIG enabled",
+                "gpufleet does not schedule MIG instances: a MIG-enabled GPU is skipped for "
+                f"mode {mode}.",
+                f"disable MIG when the GPU is idle (nvidia-smi -i {ids} -mig 0, as root, then a "
+                "GPU reset), or run the model on a GPU without MIG",
+                subject,
+            )
+        ]
+    if compute_mode == "prohibited":
+        return [
+            Finding(
+                Severity.ERROR,
+                "sharing.prohibited",
+                f"{facts.name} is in compute mode prohibited",
+                "No process may create a CUDA context on it: gpufleet skips it.",
+                f"set compute mode DEFAULT (nvidia-smi -i {ids} -c DEFAULT, as root)",
+                subject,
+            )
+        ]
+    exclusive = compute_mode in ("exclusive_process", "exclusive_thread")
+    if exclusive and mode == "fraction":
+        return [
+            Finding(
+                Severity.WARNING,
+                "sharing.exclusive_process",
+                f"{subject} asks for mode fraction; {facts.name} is in compute mode {compute_mode}",
+                "Only one process may hold a CUDA context on it: a second worker fails with "
+                "'CUDA-capable device(s) is/are busy or unavailable' (cudaErrorDevicesUnavailable, "
+                "46), so one worker gets the GPU and the rest of it stays idle.",
+                f"use mode mps (its server is the one context), or set compute mode DEFAULT "
+                f"(nvidia-smi -i {ids} -c DEFAULT, as root)",
+                subject,
+            )
+        ]
+    if mode == "mps" and compute_mode == "default":
+        return [
+            Finding(
+                Severity.INFO,
+                "sharing.mps_compute_mode",
+                f"{subject} asks for mode mps; {facts.name} is in compute mode default",
+                "NVIDIA recommends compute mode EXCLUSIVE_PROCESS with MPS, so that only the MPS "
+                "server holds a context; in DEFAULT other processes may use the GPU beside it, "
+                "time-sliced against the MPS clients.",
+                f"optional: nvidia-smi -i {ids} -c EXCLUSIVE_PROCESS (as root)",
+                subject,
+            )
+        ]
+    return []
+
+
+_ARCH_FLAG = re.compile(r"^(sm|compute)_(\d+)(\d)[af]?$")
+
+
+def check_runtime_arch(archs: list[str], facts: DeviceFacts) -> list[Finding]:
+    """The runtime (torch's ``get_arch_list()``: ``sm_90``, ``compute_90``...) must hold a cubin
+    for the GPU (same major, minor at most the GPU's) or PTX of an older one to JIT-compile."""
+    cc = facts.capability
+    if not archs or facts.kind != "cuda" or cc is None:
+        return []
+    for flag in archs:
+        match = _ARCH_FLAG.match(flag)
+        if match is None:
+            continue
+        built = (int(match[2]), int(match[3]))
+        exact = flag.rstrip("af") != flag  # sm_90a: Hopper-only features, runs on 9.0 alone
+        if match[1] == "sm" and (built == cc if exact else built[0] == cc[0] and built <= cc):
+            return []
+        if match[1] == "compute" and built <= cc:
+            return []
+    return [
+        Finding(
+            Severity.ERROR,
+            "cuda.runtime_arch",
+            f"{facts.runtime} has kernels for {', '.join(archs)}; this GPU is {facts.label}",
+            "With no binary and no older PTX for this GPU, the first kernel fails with 'no kernel "
+            "image is available for execution on the device' (cudaErrorNoKernelImageForDevice, "
+            "209).",
+            f"install a {facts.runtime.split()[0]} build whose arch list includes "
+            f"sm_{cc[0]}{cc[1]} (torch.cuda.get_arch_list() shows it; newer GPUs need newer "
+            "wheels)",
+            facts.name,
+        )
     ]
 
 
