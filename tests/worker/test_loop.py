@@ -191,3 +191,50 @@ def test_out_of_memory_under_a_gpu_share_says_which_limit(q: TaskQueue) -> None:
         "the input does not fit in this worker's share of the GPU, 2.0 GB "
         "(resources.gpu.memory_gb, mode fraction): CUDA out of memory"
     )
+
+
+class Faulty(Doubler):
+    """Raises what torch raises after a kernel faults: the CUDA context is gone."""
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        self.batches.append(list(inputs))
+        if "fault" in inputs:
+            raise RuntimeError(
+                "CUDA error: an illegal memory access was encountered\n"
+                "CUDA kernel errors might be asynchronously reported at some other API call"
+            )
+        if "arch" in inputs:
+            raise RuntimeError(
+                "CUDA error: no kernel image is available for execution on the device"
+            )
+        return [x for x in inputs]
+
+
+def test_a_lost_cuda_context_returns_the_batch_and_ends_the_loop(q: TaskQueue) -> None:
+    ids = _submit(q, ["fault", "a", "b"])
+    model = Faulty(max_batch=3)
+    stop = threading.Event()
+    worker = Worker(q, model, WorkerConfig("double", "1", "w1", idle_poll_s=0.2))
+    stats: list[Any] = []
+    thread = threading.Thread(target=lambda: stats.append(worker.run(stop)))
+    thread.start()
+    thread.join(20)  # ends by itself: no stop needed
+    assert not thread.is_alive()
+    assert worker.context_lost is not None
+    assert worker.context_lost.check == "cuda.illegal_address"
+    assert model.batches == [["fault", "a", "b"]]  # nothing retried in the broken process
+    tasks = q.get_many(ids)
+    # Back in the queue for another (or the restarted) worker, with the reason.
+    assert all(t.status == TaskStatus.QUEUED and t.attempts == 1 for t in tasks.values())
+    assert all(t.error is not None and t.error.code == "cuda_context_lost" for t in tasks.values())
+
+
+def test_a_known_cuda_error_is_explained_in_the_task(q: TaskQueue) -> None:
+    [tid] = _submit(q, ["arch"])
+    with Running(q, Faulty(max_batch=1)):
+        task = _wait_finished(q, [tid])[tid]
+    assert task.status == TaskStatus.FAILED and task.error is not None
+    assert task.error.code == "model_error"
+    msg = task.error.message
+    assert msg.startswith("RuntimeError: CUDA error: no kernel image is available")
+    assert "[cuda.no_kernel_image]" in msg and "Fix: rebuild with TORCH_CUDA_ARCH_LIST" in msg

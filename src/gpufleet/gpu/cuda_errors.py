@@ -361,6 +361,12 @@ def explain_all(text: str, *, capability: Capability | None = None) -> list[Find
     return found
 
 
+def context_lost(finding: Finding | None) -> bool:
+    """After this failure every later CUDA call in the process fails: the worker must exit and
+    be restarted, not go on claiming work."""
+    return finding is not None and _RESTART in finding.why
+
+
 def explain(text: str, *, capability: Capability | None = None) -> Finding | None:
     """The most specific known failure in ``text``, or None."""
     findings = explain_all(text, capability=capability)

@@ -13,7 +13,10 @@ Failures stay as small as possible:
   (``model_error``) only those that raise again;
 - CUDA out-of-memory halves the batch and retries the halves; a single input that still does not
   fit goes back to the queue (``out_of_memory``, retryable);
-- an output JSON cannot hold fails that task (``invalid_output``).
+- an output JSON cannot hold fails that task (``invalid_output``);
+- a known CUDA failure is explained in the task's error (``gpu.cuda_errors``: what, why, the
+  fix); one that loses the CUDA context (an illegal address, a device-side assert) sends the
+  batch back to the queue and ends the loop (``context_lost``): the process must be restarted.
 
 Results commit in the background (``Completer``), so the next batch runs while the last one's
 results reach the disk. Heartbeats run on their own thread and report cancel requests and lost
@@ -37,6 +40,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpufleet.errors import GpufleetError, InvalidInput, LeaseLost, TaskFinished
+from gpufleet.gpu.compat import Finding
+from gpufleet.gpu.cuda_errors import context_lost, explain
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
@@ -94,6 +99,8 @@ class Worker:
         self._cancel: set[str] = set()  # held tasks whose cancellation was requested
         self._lock = threading.Lock()
         self._completer: Completer | None = None
+        # Set when a CUDA failure left the context unusable: the loop ends, the process exits.
+        self.context_lost: Finding | None = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -125,7 +132,7 @@ class Worker:
             # made while the results' durable commit holds SQLite's write lock waited for that
             # disk flush, at every batch. The slot is free either way.
             results: _Results | None = None
-            while not stop.is_set():
+            while not stop.is_set() and self.context_lost is None:
                 try:
                     batch = self._gather(stop)
                 except GpufleetError as e:  # an outage: keep the model loaded, try again
@@ -218,6 +225,9 @@ class Worker:
                 got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
                 raise TypeError(f"predict returned {got} outputs for {len(batch)} inputs")
         except Exception as e:
+            finding = explain(str(e))
+            if context_lost(finding):
+                return self._lose_context(batch, e, finding)
             if is_out_of_memory(e):
                 release_cuda_cache(self.config.device)
                 if len(batch) == 1:
@@ -245,12 +255,26 @@ class Worker:
                     return outputs[0]
                 error = TypeError(f"predict returned {outputs!r:.80} for one input")
             except Exception as e:
+                finding = explain(str(e))
+                if context_lost(finding):
+                    return self._lose_context([task], e, finding)[0]
                 if is_out_of_memory(e):
                     release_cuda_cache(self.config.device)
                     return self._out_of_memory(e)
                 error = e
         log.warning("task %s failed in predict: %s", task.id, _short(error))
-        return ItemError("model_error", _short(error), retryable=False)
+        return ItemError("model_error", _explained(error), retryable=False)
+
+    def _lose_context(
+        self, batch: list[Task], error: BaseException, finding: Finding | None
+    ) -> list[Any]:
+        """The CUDA context is gone: nothing more can run in this process. The batch goes back
+        to the queue (an attempt counted, so an input that always does this ends failed)."""
+        if self.context_lost is None:
+            self.context_lost = finding
+            log.error("CUDA context lost (%s); this worker stops and is restarted",
+                      _short(error))  # fmt: skip
+        return [ItemError("cuda_context_lost", _explained(error), retryable=True) for _ in batch]
 
     def _out_of_memory(self, error: BaseException) -> ItemError:
         message = self.config.limits.out_of_memory_message(error)
@@ -367,6 +391,15 @@ class Worker:
         if released:
             log.info("released %d tasks back to the queue", len(released))
         return released
+
+
+def _explained(error: BaseException) -> str:
+    """The error, and when it is a known CUDA failure, why it happens and the fix."""
+    short = _short(error)
+    finding = explain(str(error))
+    if finding is None:
+        return short
+    return f"{short} [{finding.check}] {finding.why} Fix: {finding.fix}"[:1500]
 
 
 def _short(error: BaseException) -> str:

@@ -9,7 +9,9 @@ SIGTERM (or SIGINT) drains: stop claiming, finish the batch in hand, write its r
 If that takes longer than ``--grace-s``, the tasks still held are released to the queue and the
 process exits at once (code 3): another worker takes them, and none waits for a lease to expire.
 A model that cannot load on this device or from these files exits with code 4 (``refused:``
-and the reason on stderr).
+and the reason on stderr). A CUDA failure that loses the context (an illegal address, a
+device-side assert) sends the batch back to the queue and exits with code 5; the supervisor
+restarts the process.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from gpufleet.models.runtime import ModelRunner
 # The model can never load here (incompatible GPU, corrupted files, bad manifest): the
 # supervisor does not restart a worker that exits with this code.
 EXIT_REFUSED = 4
+# A CUDA failure left the context unusable (gpu.cuda_errors.context_lost): restart the process.
+EXIT_CONTEXT_LOST = 5
 
 
 def load_runner(spec: str) -> ModelRunner:
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         queue.close()
         return EXIT_REFUSED
     queue.close()
+    if worker.context_lost is not None:
+        lost = worker.context_lost
+        print(f"CUDA context lost: {lost.found}. Fix: {lost.fix}", file=sys.stderr, flush=True)
+        return EXIT_CONTEXT_LOST
     return 0
 
 
