@@ -252,3 +252,26 @@ def test_stats_count_live_tasks_per_model_and_lane(queue: TaskQueue, clock: Fake
     }
     assert rows[("m", "batch", "queued")].oldest_age_s == pytest.approx(10)
     assert stats.count(model="m", status=TaskStatus.QUEUED) == 3
+
+
+def test_a_dead_workers_tasks_are_recovered_at_once(queue: TaskQueue, clock: FakeClock) -> None:
+    """The supervisor saw the process exit: no wait for the lease, an attempt counted, the
+    reason kept; another worker's task and a cancelled one are handled as such."""
+    again = _running(queue, "dead")
+    last = _running(queue, "dead", max_attempts=1)
+    other = _running(queue, "alive")
+    cancel = _running(queue, "dead")
+    queue.cancel(cancel)
+    report = queue.recover_worker("dead", "worker dead exited with 134: a kernel faulted")
+    assert report.requeued == (again,) and report.failed == (last,)
+    assert report.cancelled == (cancel,)
+    failed = queue.get(last)
+    assert failed.status == TaskStatus.FAILED and failed.error is not None
+    assert failed.error.code == "worker_died"
+    assert failed.error.message == (
+        "worker dead exited with 134: a kernel faulted (attempt 1 of 1)"
+    )
+    requeued = queue.get(again)
+    assert requeued.status == TaskStatus.QUEUED and requeued.lease_owner is None
+    assert queue.get(other).status == TaskStatus.RUNNING
+    assert queue.recover_worker("dead", "again").total == 0

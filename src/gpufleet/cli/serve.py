@@ -152,6 +152,8 @@ def serve(
             [],
             [],
             placements=plan.workers,
+            # A worker that died: its tasks go back now, with why (not when leases expire).
+            on_exit=lambda worker_id, reason: queue.recover_worker(worker_id, reason),
             env=env,
             grace_s=grace_s,
             standby_per_slot=standby,

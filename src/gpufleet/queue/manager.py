@@ -9,8 +9,9 @@ clocks of the worker that set the lease and the process that recovers it: keep h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -54,19 +55,43 @@ class TaskQueue(SubmissionOps, WorkerOps):
     def recover_expired(self, limit: int = 1000) -> Recovery:
         """Tasks whose worker stopped heartbeating go back to the queue (with backoff) or, out
         of attempts, end ``failed`` with ``lease_expired``. Safe to run from many processes."""
+        return self._recover(
+            sql.EXPIRED_LEASES,
+            {"p_now": self.clock(), "p_limit": limit},
+            lambda row: TaskError(
+                "lease_expired",
+                f"worker {row['lease_owner']} stopped heartbeating (attempt "
+                f"{row['attempts']} of {row['max_attempts']}); its lease expired",
+            ),
+        )
+
+    def recover_worker(self, worker_id: str, reason: str) -> Recovery:
+        """The tasks of a worker known to be dead (its process exited), at once rather than
+        when their leases run out: queued again with backoff, or out of attempts ``failed``
+        with ``worker_died`` and ``reason`` (e.g. the explained crash)."""
+        return self._recover(
+            sql.HELD_BY_WORKER,
+            {"p_owner": worker_id},
+            lambda row: TaskError(
+                "worker_died",
+                f"{reason} (attempt {row['attempts']} of {row['max_attempts']})"[:2000],
+            ),
+        )
+
+    def _recover(
+        self,
+        query: sa.Select[Any],
+        params: dict[str, Any],
+        error_for: Callable[[sa.RowMapping], TaskError],
+    ) -> Recovery:
         now = self.clock()
         requeued: list[str] = []
         failed: list[str] = []
         cancelled: list[str] = []
         models: set[str] = set()
         with write_tx(self.engine) as conn:
-            expired = conn.execute(sql.EXPIRED_LEASES, {"p_now": now, "p_limit": limit})
-            for row in expired.mappings().all():
-                error = TaskError(
-                    "lease_expired",
-                    f"worker {row['lease_owner']} stopped heartbeating (attempt "
-                    f"{row['attempts']} of {row['max_attempts']}); its lease expired",
-                )
+            for row in conn.execute(query, params).mappings().all():
+                error = error_for(row)
                 if row["cancel_requested"]:
                     values, bucket = self._cancelled(now), cancelled
                 elif row["attempts"] < row["max_attempts"]:

@@ -120,6 +120,14 @@ EXPIRED_LEASES = (
     .with_for_update(skip_locked=True)
 )
 
+# The tasks a worker that died was holding (the supervisor saw it exit): recovered at once,
+# without waiting for their leases to run out.
+HELD_BY_WORKER = (
+    sa.select(t.id, t.model, t.lease_owner, t.attempts, t.max_attempts, t.cancel_requested)
+    .where(IS_RUNNING, t.lease_owner == sa.bindparam("p_owner"))
+    .with_for_update()
+)
+
 # When the earliest queued task (e.g. one in retry backoff) becomes claimable.
 NEXT_DUE = sa.select(sa.func.min(t.not_before, type_=UtcDateTime())).where(
     IS_QUEUED,

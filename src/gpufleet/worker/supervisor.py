@@ -8,7 +8,10 @@ them every deployment runs ``workers_per_slot`` workers on every slot.
 A worker that exits on its own is restarted with exponential backoff (1 s doubling to 60 s,
 back to 1 s after a minute of healthy running), so a model that crashes at load does not spin.
 One that exits with ``EXIT_REFUSED`` (incompatible GPU, corrupted files) is not restarted.
-The tasks it held are not lost: their leases expire and the queue hands them on.
+The tasks it held are not lost: ``on_exit`` hands them back at once (the queue's
+``recover_worker``) with the reason, a known CUDA failure in the worker's last output explained
+(``gpu.cuda_errors``); failing that, their leases expire and the queue hands them on. Workers'
+stderr passes through to ours, and its last lines are kept for that reason.
 
 ``standby_per_slot`` keeps that many standby processes per slot (``worker.standby``): torch
 imported, the device initialised, no model. A worker that must start (a restart, a new
@@ -30,7 +33,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,31 @@ from gpufleet.worker.standby import Assignment
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
+TAIL_LINES = 40  # of a worker's stderr, kept to explain its exit
+
+
+def _forward(proc: subprocess.Popen[str], tail: deque[str]) -> None:
+    """A worker's stderr, passed through to ours line by line, its last lines kept."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        tail.append(line.rstrip("\n"))
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
+    """Why a worker exited, for its log line and its tasks' error: a known CUDA failure in its
+    last output explained, or its last line."""
+    from gpufleet.gpu.cuda_errors import explain
+
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with {code}"
+    text = "\n".join(tail)
+    finding = explain(text)
+    if finding is not None:
+        return f"worker {worker_id} {how}: {finding.found}. {finding.why} Fix: {finding.fix}"
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+    return f"worker {worker_id} {how}" + (f"; its last output: {last[:300]}" if last else "")
 
 
 @dataclass(frozen=True)
@@ -101,9 +130,11 @@ class Supervisor:
         poll_s: float = 0.2,
         standby_per_slot: int = 0,
         placements: list[tuple[Deployment, Slot, str]] | None = None,
+        on_exit: Callable[[str, str], object] | None = None,
     ) -> None:
         """``placements``: (deployment, slot, worker name) for each worker, when an allocator
-        chose them; otherwise ``workers_per_slot`` workers of every deployment on every slot."""
+        chose them; otherwise ``workers_per_slot`` workers of every deployment on every slot.
+        ``on_exit(worker_id, reason)`` is called when a worker exits by itself."""
         self.env = dict(os.environ if env is None else env)
         self.grace_s = grace_s
         self.poll_s = poll_s
@@ -127,6 +158,8 @@ class Supervisor:
         for dep, slot, name in placements:
             wid = f"{host}/{name}/{os.getpid()}"
             self.workers.append(WorkerHandle(wid, dep, slot))
+        self.on_exit = on_exit
+        self._tails: dict[int, tuple[deque[str], threading.Thread]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,12 +182,23 @@ class Supervisor:
             cmd,
             env=env,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             stdin=stdin,
             text=True,
             errors="replace",  # a model printing bytes must not stop us draining its pipe
         )
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        forward = threading.Thread(target=_forward, args=(proc, tail), daemon=True)
+        forward.start()
+        self._tails[proc.pid] = (tail, forward)
         return proc
+
+    def _last_output(self, proc: subprocess.Popen[str]) -> list[str]:
+        tail, forward = self._tails.pop(proc.pid, (deque(), None))
+        if forward is not None:
+            forward.join(2)  # the last lines may still be in the pipe
+        return list(tail)
 
     def _spawn(self, w: WorkerHandle) -> None:
         w.state, w.started_at = "starting", time.monotonic()
@@ -211,6 +255,7 @@ class Supervisor:
             if code is None:
                 continue
             self.standbys.remove(standby)
+            self._tails.pop(standby.proc.pid, None)
             slot = standby.slot
             log.warning(
                 "standby pid %d on %s exited with %s; a new one in %.0fs",
@@ -239,10 +284,13 @@ class Supervisor:
         from gpufleet.monitor.metrics import mark_process_dead
 
         while not self._stopping.wait(self.poll_s):
+            exited: list[tuple[WorkerHandle, subprocess.Popen[str]]] = []
             with self._lock:
                 for w in self.workers:
+                    proc = w.proc
                     try:
-                        self._check(w, time.monotonic(), mark_process_dead)
+                        if self._check(w, time.monotonic(), mark_process_dead) and proc:
+                            exited.append((w, proc))
                     except Exception:  # e.g. fork failed: try again on the next round
                         log.exception("supervising worker %s failed", w.worker_id)
                         w.state, w.next_start = "backoff", time.monotonic() + w.backoff_s
@@ -250,20 +298,31 @@ class Supervisor:
                     self._check_standbys(time.monotonic())
                 except Exception:
                     log.exception("supervising standbys failed")
+            for w, proc in exited:  # outside the lock: reading pipes, writing the queue
+                self._report_exit(w, proc)
 
-    def _check(self, w: WorkerHandle, now: float, mark_process_dead: Any) -> None:
-        """Restart ``w`` if its backoff is over; notice if it exited."""
+    def _report_exit(self, w: WorkerHandle, proc: subprocess.Popen[str]) -> None:
+        reason = crash_reason(w.worker_id, proc.returncode, self._last_output(proc))
+        log.warning("%s", reason)
+        if self.on_exit is not None:
+            try:
+                self.on_exit(w.worker_id, reason)
+            except Exception:  # the database is away: the leases expire instead
+                log.exception("handing back the tasks of %s failed", w.worker_id)
+
+    def _check(self, w: WorkerHandle, now: float, mark_process_dead: Any) -> bool:
+        """Restart ``w`` if its backoff is over; notice (True) if it exited."""
         if w.state == "failed":
-            return
+            return False
         if w.state == "backoff":
             if now >= w.next_start:
                 w.restarts += 1
                 self._spawn(w)
-            return
+            return False
         if w.proc is None or w.proc.poll() is None:
             if w.state == "ready" and now - w.started_at > HEALTHY_AFTER_S:
                 w.backoff_s = BACKOFF_MIN_S
-            return
+            return False
         w.last_exit = w.proc.returncode
         mark_process_dead(w.proc.pid)
         if w.last_exit == EXIT_REFUSED:
@@ -273,12 +332,13 @@ class Supervisor:
                 w.worker_id,
                 w.deployment.spec,
             )
-            return
+            return True
         w.state, w.next_start = "backoff", now + w.backoff_s
         log.warning(
             "worker %s exited with %s; restarting in %.0fs", w.worker_id, w.last_exit, w.backoff_s
         )
         w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
+        return True
 
     def status(self) -> list[dict[str, object]]:
         """Every worker, then every standby (``worker_id`` and ``model`` None)."""
