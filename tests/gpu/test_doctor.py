@@ -11,15 +11,8 @@ import pytest
 
 from gpufleet.gpu.compat import Finding, Severity
 from gpufleet.gpu.discovery import HostInfo
-from gpufleet.gpu.doctor import (
-    HostFacts,
-    HostTools,
-    ModelCheck,
-    Runtime,
-    counts,
-    diagnose,
-    gpu_groups,
-)
+from gpufleet.gpu.doctor import counts, diagnose, gpu_groups
+from gpufleet.gpu.facts import HostFacts, HostTools, ModelCheck, Runtime
 from gpufleet.models.manifest import ModelManifest
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"

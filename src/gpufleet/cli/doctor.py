@@ -20,7 +20,7 @@ from gpufleet.errors import GpufleetError, InvalidInput
 from gpufleet.gpu.compat import Finding, Severity, parse_version
 
 if TYPE_CHECKING:
-    from gpufleet.gpu.doctor import HostFacts, HostTools, ModelCheck, Runtime
+    from gpufleet.gpu.facts import HostFacts, HostTools, ModelCheck, Runtime
     from gpufleet.models.registry import Registry
 
 BAD_INPUT = 2  # as click's usage errors: a wrong argument, not a finding
@@ -54,7 +54,8 @@ def doctor(
     1: errors found (with --explain: a known CUDA failure recognised); 2: bad input (a model,
     facts file or log that cannot be read).
     """
-    from gpufleet.gpu.doctor import HostFacts, counts, diagnose
+    from gpufleet.gpu.doctor import counts, diagnose
+    from gpufleet.gpu.facts import HostFacts
 
     try:
         if explain is not None:
@@ -84,7 +85,7 @@ def doctor(
 def model_check(spec: str, registry: Registry | None) -> ModelCheck:
     """What the rules need of the model ``spec`` names, read as ``serve --model`` reads it;
     imports no model code and loads no weights."""
-    from gpufleet.gpu.doctor import ModelCheck
+    from gpufleet.gpu.facts import ModelCheck
     from gpufleet.models.directory import builtin_models
     from gpufleet.models.manifest import ModelManifest
     from gpufleet.models.registry import looks_like_ref
@@ -114,13 +115,13 @@ def model_check(spec: str, registry: Registry | None) -> ModelCheck:
 def gather() -> HostFacts:
     """This host's facts; never raises for a missing or broken GPU stack."""
     from gpufleet.gpu.discovery import discover
-    from gpufleet.gpu.doctor import HostFacts
+    from gpufleet.gpu.facts import HostFacts
 
     return HostFacts(discover(), tuple(gather_runtimes()), gather_tools())
 
 
 def gather_tools() -> HostTools:
-    from gpufleet.gpu.doctor import MPS_CONTROL, HostTools
+    from gpufleet.gpu.facts import MPS_CONTROL, HostTools
 
     devices = tuple(sorted(d for d in glob("/dev/nvidia*") if d[11:].isdigit()))
     return HostTools(shutil.which("nvidia-smi"), shutil.which(MPS_CONTROL), devices)
@@ -128,7 +129,7 @@ def gather_tools() -> HostTools:
 
 def gather_runtimes() -> list[Runtime]:
     """torch (imported here, not before) and onnxruntime where its CUDA provider is built in."""
-    from gpufleet.gpu.doctor import Runtime
+    from gpufleet.gpu.facts import Runtime
 
     out = []
     if importlib.util.find_spec("torch") is not None:
