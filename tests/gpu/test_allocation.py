@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpufleet.errors import InsufficientGpu, InvalidInput
-from gpufleet.gpu.allocation import GpuRequest, Placement, allocate, write_allocations
+from gpufleet.gpu.allocation import (
+    CONTEXT_MIB,
+    GpuRequest,
+    Placement,
+    allocate,
+    write_allocations,
+)
 from gpufleet.gpu.discovery import GpuInfo, HostInfo, discover
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -119,10 +125,11 @@ def test_too_few_whole_gpus_names_what_is_free() -> None:
 
 def test_fractions_share_a_gpu_up_to_its_memory_and_compute() -> None:
     h = host(gpu(0))
-    req = GpuRequest("small", "1", "fraction", memory_gb=20, compute_percent=25)
+    # 4 x (19 GB + 0.75 GB for each worker's CUDA context) = 79 GB of the 80.
+    req = GpuRequest("small", "1", "fraction", memory_gb=19, compute_percent=25)
     placements = allocate(h, [req], workers_per_gpu=4)
     assert [p.replica for p in placements] == [0, 1, 2, 3]
-    assert all(p.memory_mib == 20 * 1024 and p.compute_percent == 25 for p in placements)
+    assert all(p.memory_mib == 19 * 1024 and p.compute_percent == 25 for p in placements)
     with pytest.raises(InsufficientGpu) as e:
         allocate(h, [req], workers_per_gpu=5)
     assert "worker 5 does not fit" in e.value.message
@@ -135,7 +142,21 @@ def test_memory_is_never_over_committed_and_the_shortfall_is_named() -> None:
     req = GpuRequest("big", "1", "fraction", memory_gb=40, compute_percent=10)
     with pytest.raises(InsufficientGpu) as e:
         allocate(h, [req], workers_per_gpu=2)
-    assert "2.0 GB of memory short (38.0 GB left)" in e.value.message
+    assert (
+        "3.5 GB of memory short (37.2 GB left; a worker takes 40.75 GB with its CUDA context)"
+        in e.value.message
+    )
+
+
+def test_cuda_contexts_of_workers_standbys_and_the_mps_server_are_reserved() -> None:
+    h = host(gpu(0, mem_gb=10))  # 10240 MiB
+    frac = GpuRequest("f", "1", "fraction", memory_gb=4, compute_percent=10)
+    assert len(allocate(h, [frac], workers_per_gpu=2)) == 2  # 2 x 4.75 GB
+    with pytest.raises(InsufficientGpu, match=r"a worker takes 5\.50 GB"):
+        allocate(h, [frac], workers_per_gpu=2, standby_per_worker=1)
+    mps = GpuRequest("m", "1", "mps", memory_gb=4, compute_percent=10)
+    with pytest.raises(InsufficientGpu, match="worker 2 does not fit"):
+        allocate(h, [mps], workers_per_gpu=2)  # the MPS server's context too
 
 
 def test_fraction_and_mps_never_share_a_gpu() -> None:
@@ -242,7 +263,9 @@ def test_no_gpu_is_ever_given_more_than_it_has(
             if p.mode == "whole":
                 assert whole_owner.setdefault(i, f"{p.model}") == p.model
             else:
-                used_mib[i] = used_mib.get(i, 0) + (p.memory_mib or 0)
+                server = CONTEXT_MIB if p.mode == "mps" and i not in used_mib else 0
+                used = (p.memory_mib or 0) + CONTEXT_MIB + server  # the worker's own context
+                used_mib[i] = used_mib.get(i, 0) + used
                 used_pct[i] = used_pct.get(i, 0) + (p.compute_percent or 0)
     for i, m in modes.items():
         assert len(m) == 1, f"GPU {i} mixes modes {m}"

@@ -38,8 +38,8 @@ def test_an_over_committed_gpu_is_refused_before_anything_starts(tmp_path: Path)
     lines = done.stderr.strip().splitlines()
     assert lines == [
         "insufficient_gpu: big@1 asks for 50 GB and 40% of a GPU (fraction) per worker; "
-        "worker 2 does not fit: GPU 0 (NVIDIA H100 80GB HBM3): 22.6 GB of memory short "
-        "(27.4 GB left)"
+        "worker 2 does not fit: GPU 0 (NVIDIA H100 80GB HBM3): 24.1 GB of memory short "
+        "(26.7 GB left; a worker takes 50.75 GB with its CUDA context)"
     ]
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "d" / "run" / "allocations.json").exists()

@@ -210,23 +210,39 @@ class Faulty(Doubler):
         return [x for x in inputs]
 
 
-def test_a_lost_cuda_context_returns_the_batch_and_ends_the_loop(q: TaskQueue) -> None:
-    ids = _submit(q, ["fault", "a", "b"])
-    model = Faulty(max_batch=3)
-    stop = threading.Event()
-    worker = Worker(q, model, WorkerConfig("double", "1", "w1", idle_poll_s=0.2))
-    stats: list[Any] = []
-    thread = threading.Thread(target=lambda: stats.append(worker.run(stop)))
+def _run_until_context_lost(q: TaskQueue, model: Faulty, name: str) -> Worker:
+    worker = Worker(q, model, WorkerConfig("double", "1", name, idle_poll_s=0.2))
+    thread = threading.Thread(target=worker.run, args=(threading.Event(),))
     thread.start()
-    thread.join(20)  # ends by itself: no stop needed
+    thread.join(20)  # ends by itself once the context is lost: no stop needed
     assert not thread.is_alive()
+    return worker
+
+
+def test_a_lost_cuda_context_fails_only_the_input_that_caused_it(q: TaskQueue) -> None:
+    [fault] = [s.task.id for s in q.submit_many([TaskSpec("double", "1", "fault",
+                                                          max_attempts=2)])]  # fmt: skip
+    ids = _submit(q, ["a", "b"])
+    # 1. The batch kills the context: all three go back, an attempt counted; the loop ends.
+    model = Faulty(max_batch=3)
+    worker = _run_until_context_lost(q, model, "w1")
     assert worker.context_lost is not None
     assert worker.context_lost.check == "cuda.illegal_address"
-    assert model.batches == [["fault", "a", "b"]]  # nothing retried in the broken process
-    tasks = q.get_many(ids)
-    # Back in the queue for another (or the restarted) worker, with the reason.
+    assert model.batches == [["fault", "a", "b"]]  # nothing more ran in the broken process
+    tasks = q.get_many([fault, *ids])
     assert all(t.status == TaskStatus.QUEUED and t.attempts == 1 for t in tasks.values())
     assert all(t.error is not None and t.error.code == "cuda_context_lost" for t in tasks.values())
+    # 2. The restarted worker runs these retried tasks one at a time: the culprit fails alone
+    #    (out of attempts); the others, not yet run, are released without an attempt counted.
+    model = Faulty(max_batch=3)
+    _run_until_context_lost(q, model, "w2")
+    assert model.batches == [["fault"]]
+    assert q.get(fault).status == TaskStatus.FAILED
+    assert [q.get(i).attempts for i in ids] == [1, 1]
+    # 3. Its former batch-mates then succeed.
+    with Running(q, Faulty(max_batch=3)):
+        done = _wait_finished(q, ids)
+    assert all(t.status == TaskStatus.SUCCEEDED for t in done.values())
 
 
 def test_a_known_cuda_error_is_explained_in_the_task(q: TaskQueue) -> None:

@@ -142,6 +142,7 @@ def serve(
             workers_per_gpu=workers_per_gpu,
             cpu_slots=cpu_slots,
             policy=plan_policy,
+            standby_per_worker=standby,
         )
         env = dict(os.environ)
         env["GPUFLEET_DATA_DIR"] = str(settings.data_dir)

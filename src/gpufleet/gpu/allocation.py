@@ -31,6 +31,10 @@ from gpufleet.gpu.discovery import GpuInfo, HostInfo
 
 Policy = Literal["binpack", "spread"]
 MODES = ("none", "whole", "fraction", "mps")
+# GPU memory a process holds beyond what its model allocates: the CUDA context, cuBLAS
+# workspaces, torch's kernels (measured 0.5-0.7 GB on the H100 with torch 2.11). Reserved per
+# worker and per standby on shared GPUs, and once per GPU for the MPS server.
+CONTEXT_MIB = 768
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,11 @@ def allocate(
     workers_per_gpu: int = 1,
     policy: Policy = "binpack",
     cpu_slots: int = 1,
+    standby_per_worker: int = 0,
 ) -> list[Placement]:
     """Placements for every request, or ``InsufficientGpu`` naming what does not fit.
+    A worker on a shared GPU takes its ``memory_gb`` plus ``CONTEXT_MIB`` for its own CUDA
+    context and one more for each of its standbys.
 
     Without GPUs every model runs on ``cpu_slots`` CPU slots (``workers_per_gpu`` workers each),
     whatever it asked for. Whole-GPU models come first; GPUs are split evenly between them and,
@@ -161,7 +168,7 @@ def allocate(
                 out.append(_placement(r, group, replica=n * per_group + k))
     pool = [s for s in free if s.held_whole is None]
     for r in shared:
-        out += _shared(r, pool, states, why_not, workers_per_gpu, policy)
+        out += _shared(r, pool, states, why_not, workers_per_gpu, policy, standby_per_worker)
     return out
 
 
@@ -174,6 +181,14 @@ def _check_request(r: GpuRequest) -> None:
         raise InvalidInput(f"{r.label}: mode {r.mode} needs memory_gb and compute_percent")
     if r.replicas is not None and r.replicas < 1:
         raise InvalidInput(f"{r.label}: replicas must be at least 1, got {r.replicas}")
+    if r.mode == "whole" and r.count < 1:
+        raise InvalidInput(f"{r.label}: count must be at least 1, got {r.count}")
+    if r.memory_gb is not None and not r.memory_gb > 0:
+        raise InvalidInput(f"{r.label}: memory_gb must be above 0, got {r.memory_gb}")
+    if r.compute_percent is not None and not 1 <= r.compute_percent <= 100:
+        raise InvalidInput(
+            f"{r.label}: compute_percent must be between 1 and 100, got {r.compute_percent}"
+        )
 
 
 def _cpu_placements(r: GpuRequest, cpu_slots: int, per_slot: int) -> list[Placement]:
@@ -264,8 +279,10 @@ def _shared(
     why_not: dict[int, str | None],
     workers_per_gpu: int,
     policy: Policy,
+    standbys: int,
 ) -> list[Placement]:
-    mem, pct = r.memory_mib or 0, r.compute_percent or 0
+    mem = (r.memory_mib or 0) + CONTEXT_MIB * (1 + standbys)
+    pct = r.compute_percent or 0
     if not pool:
         raise InsufficientGpu(
             f"{r.label} asks for {r.describe()}; no GPU is left to share: "
@@ -314,14 +331,21 @@ def _fits(r: GpuRequest, s: _GpuState, mem: int, pct: int) -> str | None:
     if r.mode == "fraction" and g.compute_mode == "exclusive_process" and s.workers:
         return f"GPU {g.index} is in compute mode exclusive_process: one process only"
     short = []
-    if mem > s.left_mib:
-        short.append(f"{(mem - s.left_mib) / 1024:.1f} GB of memory short "
-                     f"({s.left_mib / 1024:.1f} GB left)")  # fmt: skip
+    need = mem + _server_mib(r, s)
+    if need > s.left_mib:
+        short.append(f"{(need - s.left_mib) / 1024:.1f} GB of memory short "
+                     f"({s.left_mib / 1024:.1f} GB left; a worker takes "
+                     f"{mem / 1024:.2f} GB with its CUDA context)")  # fmt: skip
     if pct > s.left_percent:
         short.append(f"{pct - s.left_percent}% of compute short ({s.left_percent}% left)")
     if short:
         return f"GPU {g.index} ({g.name}): " + " and ".join(short)
     return None
+
+
+def _server_mib(r: GpuRequest, s: _GpuState) -> int:
+    """The MPS server's own context, reserved with the first MPS worker on a GPU."""
+    return CONTEXT_MIB if r.mode == "mps" and s.mode is None else 0
 
 
 def _take(r: GpuRequest, s: _GpuState, mem: int, pct: int, *, worker: int) -> None:
@@ -332,8 +356,8 @@ def _take(r: GpuRequest, s: _GpuState, mem: int, pct: int, *, worker: int) -> No
             f"{why}",
             model=r.label,
         )
+    s.used_mib += mem + _server_mib(r, s)
     s.mode = r.mode
-    s.used_mib += mem
     s.used_percent += pct
     s.workers.append(r.label)
 

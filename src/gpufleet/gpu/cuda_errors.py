@@ -361,10 +361,20 @@ def explain_all(text: str, *, capability: Capability | None = None) -> list[Find
     return found
 
 
+# Failures of the host, not of the task's input: another worker (or this one restarted) can
+# run the task.
+_HOST_CHECKS = frozenset({
+    "nvml.driver_library_mismatch", "nvml.unknown_error", "cuda.stub_library",
+    "cuda.compat_not_supported", "cuda.system_driver_mismatch", "cuda.driver_older_than_runtime",
+    "mps.connection_failed", "mps.server_not_ready", "mps.max_clients", "mps.client_terminated",
+    "cuda.device_busy", "cuda.gpu_fault", "cuda.no_device", "cuda.unknown_error",
+})  # fmt: skip
+
+
 def context_lost(finding: Finding | None) -> bool:
-    """After this failure every later CUDA call in the process fails: the worker must exit and
-    be restarted, not go on claiming work."""
-    return finding is not None and _RESTART in finding.why
+    """After this failure the process cannot run CUDA work (the context is lost, or the host
+    refused it): the worker must exit and be restarted, not go on claiming work."""
+    return finding is not None and (_RESTART in finding.why or finding.check in _HOST_CHECKS)
 
 
 def explain(text: str, *, capability: Capability | None = None) -> Finding | None:

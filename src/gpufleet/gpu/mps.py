@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ class MpsDaemon:
         for d in (self.pipe_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o700)  # private: only our workers (same user) may connect
+        self._stop_stale()
+        for f in self.pipe_dir.iterdir():  # a dead daemon's pipes would look like a live one
+            if not f.is_dir():
+                f.unlink(missing_ok=True)
         out = (self.log_dir / "gpufleet-daemon.out").open("ab")
         try:
             self.proc = subprocess.Popen(
@@ -70,7 +75,33 @@ class MpsDaemon:
                 self.stop()
                 raise MpsError(f"the MPS daemon for {self.name} did not start in {timeout_s:.0f}s")
             time.sleep(0.02)
+        time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise MpsError(
+                f"the MPS daemon for {self.name} exited with {self.proc.returncode}: "
+                f"{self.log_tail()}"
+            )
         log.info("MPS daemon for %s started (pid %d, %s)", self.name, self.proc.pid, self.pipe_dir)
+
+    def _stop_stale(self) -> None:
+        """A daemon left on our pipe directory by a serve that was killed (SIGKILL gives no
+        chance to stop it): ask it to quit, then make sure it is gone."""
+        try:
+            pid = int((self.pipe_dir / "nvidia-cuda-mps-control.pid").read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError):
+            return
+        if not comm.startswith("nvidia-cuda-mps"):
+            return  # the pid was reused by something else
+        log.warning("stopping an MPS daemon left by an earlier serve (pid %d)", pid)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self.command("quit")
+        deadline = time.monotonic() + 10
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def client_env(self, *, thread_percent: int | None, memory_mib: int | None) -> dict[str, str]:
         """What a worker needs to run under this daemon with these limits. The worker sees its
@@ -128,6 +159,15 @@ class MpsDaemon:
             with contextlib.suppress(OSError):
                 texts.append((self.log_dir / f).read_text(errors="replace")[-n:].strip())
         return " | ".join(t for t in texts if t) or "(no log)"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class MpsDaemons:

@@ -7,8 +7,8 @@
   allocator, so a model that wants more than its share fails alone with ``out_of_memory``
   instead of starving its neighbours. Under MPS the driver enforces the same limit
   (``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``) and the cap here only makes the error say why.
-  The CUDA context itself (~0.5 GB) is outside torch's cap; the allocator counts it as the
-  GPU's used memory at start.
+  The CUDA context itself (~0.5-0.7 GB) is outside torch's cap; the allocator reserves
+  ``CONTEXT_MIB`` for it beside ``memory_gb``.
 - Compute share: enforced by MPS (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``); in mode ``fraction``
   it is what the allocator reserved, not a limit the driver keeps.
 """

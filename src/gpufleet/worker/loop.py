@@ -15,8 +15,11 @@ Failures stay as small as possible:
   fit goes back to the queue (``out_of_memory``, retryable);
 - an output JSON cannot hold fails that task (``invalid_output``);
 - a known CUDA failure is explained in the task's error (``gpu.cuda_errors``: what, why, the
-  fix); one that loses the CUDA context (an illegal address, a device-side assert) sends the
-  batch back to the queue and ends the loop (``context_lost``): the process must be restarted.
+  fix); one that loses the CUDA context (an illegal address, a device-side assert, an MPS
+  server gone) sends the batch back to the queue, an attempt counted, and ends the loop
+  (``context_lost``): the process must be restarted. Tasks not yet run are released uncounted.
+  A task on its second attempt or later runs in a batch of its own, so an input that kills the
+  context fails alone and its former batch-mates succeed.
 
 Results commit in the background (``Completer``), so the next batch runs while the last one's
 results reach the disk. Heartbeats run on their own thread and report cancel requests and lost
@@ -201,6 +204,8 @@ class Worker:
         outputs = self._predict(live)
         done: list[tuple[str, Any]] = []
         for task, out in zip(live, outputs, strict=True):
+            if out is _UNRUN:  # held; released uncounted when the loop ends
+                continue
             if isinstance(out, ItemError):
                 self._fail(task, TaskError(out.code, out.message), retryable=out.retryable)
             else:
@@ -215,8 +220,14 @@ class Worker:
         future.add_done_callback(lambda f: self._completed(live, done, f))
 
     def _predict(self, batch: list[Task]) -> list[Any]:
-        """Outputs for ``batch``, one per task: a value or an ItemError. Never raises for a
-        model's failure; OOM halves the batch, other errors retry items singly once."""
+        """Outputs for ``batch``, one per task: a value, an ItemError, or ``_UNRUN`` (the
+        context was lost before it ran: it stays held, and is released uncounted). Never
+        raises for a model's failure; OOM halves the batch, other errors retry items singly
+        once; retried tasks run alone."""
+        if self.context_lost is not None:
+            return [_UNRUN] * len(batch)
+        if len(batch) > 1 and any(t.attempts > 1 for t in batch):
+            return [out for t in batch for out in self._predict([t])]
         try:
             started = time.perf_counter()
             outputs = self.runner.predict([t.input for t in batch])
@@ -248,6 +259,8 @@ class Worker:
 
     def _single(self, task: Task, error: BaseException | None) -> Any:
         """One input alone: its output, or ``model_error`` if predict raises (again)."""
+        if self.context_lost is not None:
+            return _UNRUN
         if error is None:
             try:
                 outputs = self.runner.predict([task.input])
@@ -391,6 +404,10 @@ class Worker:
         if released:
             log.info("released %d tasks back to the queue", len(released))
         return released
+
+
+# An output slot for a task that never ran: the CUDA context was lost before its turn.
+_UNRUN: Any = object()
 
 
 def _explained(error: BaseException) -> str:

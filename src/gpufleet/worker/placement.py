@@ -67,6 +67,7 @@ def plan_workers(
     workers_per_gpu: int = 1,
     cpu_slots: int = 1,
     policy: Policy = "binpack",
+    standby_per_worker: int = 0,
 ) -> WorkerPlan:
     """Allocate, then describe each worker's slot; ``start_mps`` then starts the MPS daemons
     the plan needs. Raises ``InsufficientGpu`` when the models do not fit."""
@@ -76,6 +77,7 @@ def plan_workers(
         workers_per_gpu=workers_per_gpu,
         policy=policy,
         cpu_slots=cpu_slots,
+        standby_per_worker=standby_per_worker,
     )
     deployments = {(d.name, d.version): d for d, _ in models}
     mps = MpsDaemons(run_dir)
