@@ -181,7 +181,9 @@ def workers() -> Iterator[list[int]]:
     worker on its command line, the second does not."""
     code = "import time; time.sleep(60)"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, "--worker-id", "digits@1/gpu0.1"]),
+        subprocess.Popen(
+            [sys.executable, "-c", code, "--worker-id", f"vm/digits@1/gpu0.1/{os.getpid()}"]
+        ),
         subprocess.Popen([sys.executable, "-c", code]),
     ]
     yield [p.pid for p in procs]

@@ -18,9 +18,9 @@ from gpufleet.gpu.allocation import (
     GpuRequest,
     Placement,
     allocate,
-    write_allocations,
 )
 from gpufleet.gpu.discovery import GpuInfo, HostInfo, discover
+from gpufleet.gpu.ledger import write_allocations
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.errors import MpsUnavailable
 from gpufleet.gpu.allocation import GpuRequest
 from gpufleet.gpu.discovery import HostInfo, discover
 from gpufleet.worker.limits import WorkerLimits
 from gpufleet.worker.placement import plan_workers, visible
 from gpufleet.worker.supervisor import Deployment
 from tests.gpu.test_allocation import gpu, host
+from tests.gpu.test_mps import stand_in  # noqa: F401  (a fixture)
 
 H100 = Path(__file__).parents[1] / "gpu" / "fixtures" / "h100.nvml.json"
 
@@ -25,6 +27,7 @@ def _dep(name: str) -> Deployment:
     return Deployment(f"builtin:{name}", name, "1")
 
 
+@pytest.mark.usefixtures("stand_in")
 def test_mps_workers_get_the_daemon_pipe_and_their_limits(tmp_path: Path) -> None:
     h = host(gpu(0), gpu(1))
     req = GpuRequest("s", "1", "mps", memory_gb=6, compute_percent=30, replicas=3)
@@ -100,3 +103,12 @@ def test_the_recorded_h100_plans_two_fraction_workers(
     plan = plan_workers(h, [(_dep("f"), req)], run_dir=tmp_path, workers_per_gpu=2)
     assert len(plan.workers) == 2
     assert {s.visible_gpu for _, s, _ in plan.workers} == {h.gpus[0].uuid}
+
+
+def test_mps_without_the_daemon_binary_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    req = GpuRequest("s", "1", "mps", memory_gb=6, compute_percent=30)
+    with pytest.raises(MpsUnavailable, match="mode mps needs nvidia-cuda-mps-control"):
+        plan_workers(host(gpu(0)), [(_dep("s"), req)], run_dir=tmp_path)

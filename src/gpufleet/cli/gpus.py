@@ -6,7 +6,6 @@ work here is reading ``/proc`` to name processes and find serve's workers among 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -24,6 +23,7 @@ from gpufleet.gpu.compat import fmt, parse_version
 from gpufleet.gpu.discovery import GpuInfo, GpuProcess, HostInfo, cpu_ranges, discover
 from gpufleet.gpu.labels import format_labels
 from gpufleet.gpu.labels import node_labels as labels_of
+from gpufleet.gpu.ledger import descendants, match_workers, read_allocations, serve_alive
 
 ALLOCATIONS = Path("run") / "allocations.json"  # under the data dir, written by gpufleet serve
 TOPOLOGY_LEGEND = (
@@ -172,59 +172,11 @@ def _usage(p: GpuProcess | None) -> list[str]:
 # --- what serve holds ------------------------------------------------------------------------
 
 
-def read_allocations(path: Path) -> dict[str, Any] | None:
-    """The allocations file a running ``gpufleet serve`` keeps; None when there is none."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    if not (
-        isinstance(data, dict)
-        and all(isinstance(g, dict) and "index" in g for g in data.get("gpus", []))
-        and all(isinstance(p, dict) and "worker" in p for p in data.get("placements", []))
-    ):
-        raise ValueError("not an allocations file of gpufleet serve")
-    return data
-
-
 def _read_or_fail(path: Path) -> dict[str, Any] | None:
     try:
         return read_allocations(path)
     except (OSError, ValueError) as exc:
         fail(f"cannot read the allocations file {path}: {exc}")
-
-
-def serve_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:  # os.kill(0, …) would mean our process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def match_workers(
-    placements: list[dict[str, Any]], processes: list[GpuProcess]
-) -> tuple[dict[str, GpuProcess], list[GpuProcess]]:
-    """Which of serve's ``processes`` on one GPU is which placement's worker: the one whose
-    command line names the worker, else the only one left for the only placement left.
-    Returns the matches and serve's processes left over."""
-    matched: dict[str, GpuProcess] = {}
-    left = list(processes)
-    for p in list(left):
-        args = _cmdline(p.pid)
-        for pl in placements:
-            if pl["worker"] not in matched and pl["worker"] in args:
-                matched[pl["worker"]] = p
-                left.remove(p)
-                break
-    waiting = [pl["worker"] for pl in placements if pl["worker"] not in matched]
-    if len(waiting) == 1 and len(left) == 1:
-        matched[waiting[0]] = left.pop()
-    return matched, left
 
 
 def _placements_on(held: dict[str, Any], index: int) -> list[dict[str, Any]]:
@@ -242,7 +194,7 @@ class _GpuUse:
 
 def _gpu_use(host: HostInfo, held: dict[str, Any]) -> dict[int, _GpuUse]:
     pid = held.get("serve_pid")
-    ours = _descendants(pid) if isinstance(pid, int) and serve_alive(pid) else set()
+    ours = descendants(pid) if isinstance(pid, int) and serve_alive(pid) else set()
     use = {}
     for g in host.gpus:
         mine = [p for p in g.processes if p.pid in ours]
@@ -347,37 +299,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip() or "-"
     except OSError:
         return "-"
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _descendants(root: int) -> set[int]:
-    """Every process under ``root``: workers may sit below a forkserver or a shell."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # field 2, the name, may hold blanks and parentheses: the ppid is 2nd after the last ")"
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _pid(p: GpuProcess | None) -> str:

@@ -17,7 +17,8 @@ from typing import Literal
 import typer
 
 from gpufleet.cli.context import console, fail, reported_errors, state
-from gpufleet.gpu.allocation import Placement, write_allocations
+from gpufleet.gpu.allocation import Placement
+from gpufleet.gpu.ledger import write_allocations
 
 DEFAULT_MODEL = "builtin:digits"
 

@@ -17,14 +17,10 @@ other), and gpufleet does not schedule onto MIG-enabled GPUs or ones in compute 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from gpufleet.errors import InsufficientGpu
 from gpufleet.gpu.discovery import GpuInfo, HostInfo
@@ -360,43 +356,3 @@ def _take(r: GpuRequest, s: _GpuState, mem: int, pct: int, *, worker: int) -> No
     s.mode = r.mode
     s.used_percent += pct
     s.workers.append(r.label)
-
-
-# --- the allocations file (gpufleet gpus --allocations) --------------------------------------
-
-
-def write_allocations(
-    path: Path, host: HostInfo, placements: list[Placement], *, policy: Policy
-) -> None:
-    """What a running ``gpufleet serve`` holds, for ``gpufleet gpus --allocations``."""
-    modes: dict[int, str] = {}
-    for p in placements:
-        for i in p.gpus:
-            modes[i] = p.mode
-    data: dict[str, Any] = {
-        "serve_pid": os.getpid(),
-        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": os.uname().nodename,
-        "policy": policy,
-        "gpus": [
-            {
-                "index": g.index,
-                "uuid": g.uuid,
-                "name": g.name,
-                "memory_total_mib": g.memory_total_mib,
-                "mode": modes.get(g.index),
-            }
-            for g in host.gpus
-        ],
-        "placements": [
-            {
-                "worker": p.worker,
-                **{k: v for k, v in asdict(p).items() if k not in ("slot", "replica", "uuids")},
-            }
-            for p in placements
-        ],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)

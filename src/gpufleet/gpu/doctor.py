@@ -7,7 +7,7 @@ findings out, each host-level finding once. It places nothing (``allocation`` do
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpufleet.gpu.compat import (
     DeviceFacts,
@@ -22,9 +22,6 @@ from gpufleet.gpu.compat import (
 )
 from gpufleet.gpu.discovery import GpuInfo, HostInfo
 from gpufleet.gpu.facts import MPS_CONTROL, HostTools, ModelCheck, Runtime
-
-if TYPE_CHECKING:
-    pass
 
 # check_model repeats the driver rule per device; the doctor reports it once for the host.
 _HOST_CHECKS = {

@@ -44,12 +44,7 @@ class MpsDaemon:
         }
 
     def start(self, timeout_s: float = 15.0) -> None:
-        exe = shutil.which(CONTROL)
-        if exe is None:
-            raise MpsError(
-                f"mode mps needs {CONTROL} (part of the NVIDIA driver's utilities) on PATH; "
-                "install it or use mode fraction"
-            )
+        exe = control_binary()
         for d in (self.pipe_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o700)  # private: only our workers (same user) may connect
@@ -161,6 +156,17 @@ class MpsDaemon:
         return " | ".join(t for t in texts if t) or "(no log)"
 
 
+def control_binary() -> str:
+    """The path of ``nvidia-cuda-mps-control``, or ``MpsUnavailable`` saying what to do."""
+    exe = shutil.which(CONTROL)
+    if exe is None:
+        raise MpsError(
+            f"mode mps needs {CONTROL} (part of the NVIDIA driver's utilities) on PATH; "
+            "install it or use mode fraction"
+        )
+    return exe
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting for its parent."""
     try:
@@ -181,13 +187,16 @@ class MpsDaemons:
         """``gpus``: uuid -> NVML index."""
         try:
             for uuid, index in sorted(gpus.items(), key=lambda kv: kv[1]):
-                base = self.run_dir / "mps" / f"gpu{index}"
-                daemon = MpsDaemon(uuid, base, name=f"GPU {index}")
+                daemon = self.daemon_for(uuid, index)
                 daemon.start()
                 self.daemons[uuid] = daemon
         except Exception:
             self.stop()
             raise
+
+    def daemon_for(self, uuid: str, index: int) -> MpsDaemon:
+        """The daemon of GPU ``index`` (started or not): its directories are fixed by the GPU."""
+        return MpsDaemon(uuid, self.run_dir / "mps" / f"gpu{index}", name=f"GPU {index}")
 
     def stop(self) -> None:
         for daemon in self.daemons.values():

@@ -170,7 +170,11 @@ class ReplayNvml:
         except (OSError, ValueError) as exc:
             raise NvmlUnavailable(f"cannot read the NVML recording {path}: {exc}") from exc
         calls = data.get("calls") if isinstance(data, dict) else None
-        if not isinstance(calls, dict) or data.get("format") != FORMAT:
+        if (
+            not isinstance(calls, dict)
+            or data.get("format") != FORMAT
+            or not all(isinstance(v, dict) for v in calls.values())
+        ):
             raise NvmlUnavailable(f"{path} is not a gpufleet NVML recording ({FORMAT})")
         replay = cls(data["calls"], source=str(path))
         init = data["calls"].get("nvmlInit()")

@@ -2,8 +2,10 @@
 ``resources.gpu`` goes through the allocator, each placement becomes a slot whose environment
 carries its share (visible GPUs by UUID, memory cap, MPS pipe and limits, CPU affinity).
 
-``CUDA_VISIBLE_DEVICES`` given to ``gpufleet serve`` restricts it to those GPUs (indices or
-UUID prefixes, as CUDA reads them).
+``CUDA_VISIBLE_DEVICES`` given to ``gpufleet serve`` restricts it to those GPUs: UUID prefixes,
+or indices in PCI bus order as ``nvidia-smi`` and NVML number them (CUDA numbers fastest
+first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; UUIDs are never ambiguous). Workers are given
+their GPUs by UUID.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from gpufleet.gpu.allocation import GpuRequest, Placement, Policy, allocate
 from gpufleet.gpu.discovery import HostInfo
-from gpufleet.gpu.mps import MpsDaemons
+from gpufleet.gpu.mps import MpsDaemons, control_binary
 from gpufleet.worker.limits import WorkerLimits
 from gpufleet.worker.supervisor import Deployment, Slot
 
@@ -82,6 +84,8 @@ def plan_workers(
     deployments = {(d.name, d.version): d for d, _ in models}
     mps = MpsDaemons(run_dir)
     mps_gpus = {p.uuids[0]: p.gpus[0] for p in placements if p.mode == "mps"}
+    if mps_gpus:
+        control_binary()  # before anything starts: one line saying what to do
     workers = []
     for p in placements:
         dep = deployments[(p.model, p.version)]
@@ -102,8 +106,5 @@ def _slot(p: Placement, mps: MpsDaemons, mps_gpus: dict[str, int]) -> Slot:
 
 
 def _mps_env(mps: MpsDaemons, p: Placement, mps_gpus: dict[str, int]) -> dict[str, str]:
-    from gpufleet.gpu.mps import MpsDaemon
-
-    index = mps_gpus[p.uuids[0]]
-    daemon = MpsDaemon(p.uuids[0], mps.run_dir / "mps" / f"gpu{index}", name=f"GPU {index}")
+    daemon = mps.daemon_for(p.uuids[0], mps_gpus[p.uuids[0]])
     return daemon.client_env(thread_percent=p.compute_percent, memory_mib=p.memory_mib)

@@ -38,37 +38,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.worker.crash import TAIL_LINES, crash_reason, forward_output
 from gpufleet.worker.process import EXIT_REFUSED
 from gpufleet.worker.standby import Assignment
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
-TAIL_LINES = 40  # of a worker's stderr, kept to explain its exit
-
-
-def _forward(proc: subprocess.Popen[str], tail: deque[str]) -> None:
-    """A worker's stderr, passed through to ours line by line, its last lines kept."""
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        tail.append(line.rstrip("\n"))
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
-    """Why a worker exited, for its log line and its tasks' error: a known CUDA failure in its
-    last output explained, or its last line."""
-    from gpufleet.gpu.cuda_errors import explain
-
-    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with {code}"
-    text = "\n".join(tail)
-    finding = explain(text)
-    if finding is not None:
-        return f"worker {worker_id} {how}: {finding.found}. {finding.why} Fix: {finding.fix}"
-    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
-    return f"worker {worker_id} {how}" + (f"; its last output: {last[:300]}" if last else "")
 
 
 @dataclass(frozen=True)
@@ -159,7 +135,7 @@ class Supervisor:
             wid = f"{host}/{name}/{os.getpid()}"
             self.workers.append(WorkerHandle(wid, dep, slot))
         self.on_exit = on_exit
-        self._tails: dict[int, tuple[deque[str], threading.Thread]] = {}
+        self._tails: dict[subprocess.Popen[str], tuple[deque[str], threading.Thread]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,13 +165,13 @@ class Supervisor:
         )
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
         tail: deque[str] = deque(maxlen=TAIL_LINES)
-        forward = threading.Thread(target=_forward, args=(proc, tail), daemon=True)
+        forward = threading.Thread(target=forward_output, args=(proc, tail), daemon=True)
         forward.start()
-        self._tails[proc.pid] = (tail, forward)
+        self._tails[proc] = (tail, forward)
         return proc
 
     def _last_output(self, proc: subprocess.Popen[str]) -> list[str]:
-        tail, forward = self._tails.pop(proc.pid, (deque(), None))
+        tail, forward = self._tails.pop(proc, (deque(), None))
         if forward is not None:
             forward.join(2)  # the last lines may still be in the pipe
         return list(tail)
@@ -255,7 +231,7 @@ class Supervisor:
             if code is None:
                 continue
             self.standbys.remove(standby)
-            self._tails.pop(standby.proc.pid, None)
+            self._tails.pop(standby.proc, None)
             slot = standby.slot
             log.warning(
                 "standby pid %d on %s exited with %s; a new one in %.0fs",

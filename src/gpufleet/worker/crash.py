@@ -1,0 +1,51 @@
+"""Why a worker process ended, from its last output: its stderr passes through the supervisor
+to ours line by line, the last lines kept; a known CUDA failure among them is explained
+(``gpu.cuda_errors``), the most recent one first, and a death by signal is named as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from collections import deque
+
+TAIL_LINES = 40  # of a worker's stderr, kept to explain its exit
+RECENT_LINES = 12  # an explanation is looked for only this close to the end
+
+
+def forward_output(proc: subprocess.Popen[str], tail: deque[str]) -> None:
+    """A worker's stderr, passed through to ours line by line, its last lines kept."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        tail.append(line.rstrip("\n"))
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
+    """Why a worker exited, for its log line and its tasks' error. A worker that saw its CUDA
+    context lost says so in its last line; otherwise the latest known CUDA failure in its last
+    lines is explained. An older, handled failure (an out-of-memory that was retried) further
+    up does not count, and a death by signal is not blamed on one."""
+    from gpufleet.gpu.cuda_errors import explain
+
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        how = f"was killed by {name}"
+        if -code == signal.SIGKILL:
+            how += " (the kernel's out-of-memory killer, or a kill -9)"
+    else:
+        how = f"exited with {code}"
+    recent = [line for line in tail[-RECENT_LINES:] if line.strip()]
+    if code is None or code >= 0:
+        for line in reversed(recent):
+            finding = explain(line)
+            if finding is not None:
+                return (
+                    f"worker {worker_id} {how}: {finding.found}. {finding.why} Fix: {finding.fix}"
+                )
+    last = recent[-1].strip() if recent else ""
+    return f"worker {worker_id} {how}" + (f"; its last output: {last[:300]}" if last else "")
