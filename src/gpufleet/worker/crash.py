@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections import deque
 
+from gpufleet.gpu.cuda_errors import explain
+
 TAIL_LINES = 40  # of a worker's stderr, kept to explain its exit
 RECENT_LINES = 12  # an explanation is looked for only this close to the end
 
@@ -30,8 +32,6 @@ def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
     context lost says so in its last line; otherwise the latest known CUDA failure in its last
     lines is explained. An older, handled failure (an out-of-memory that was retried) further
     up does not count, and a death by signal is not blamed on one."""
-    from gpufleet.gpu.cuda_errors import explain
-
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         how = f"was killed by {name}"
@@ -49,3 +49,17 @@ def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
                 )
     last = recent[-1].strip() if recent else ""
     return f"worker {worker_id} {how}" + (f"; its last output: {last[:300]}" if last else "")
+
+
+def explained_error(error: BaseException) -> str:
+    """The error, and when it is a known CUDA failure, why it happens and the fix."""
+    short = short_error(error)
+    finding = explain(str(error))
+    if finding is None:
+        return short
+    return f"{short} [{finding.check}] {finding.why} Fix: {finding.fix}"[:1500]
+
+
+def short_error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."

@@ -48,6 +48,7 @@ from gpufleet.gpu.cuda_errors import context_lost, explain
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
+from gpufleet.worker.crash import explained_error, short_error
 from gpufleet.worker.limits import WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class Worker:
             if len(batch) == 1:
                 return [self._single(batch[0], e)]
             log.warning("predict failed for a batch of %d (%s); retrying one by one",
-                        len(batch), _short(e))  # fmt: skip
+                        len(batch), short_error(e))  # fmt: skip
             return [self._single(t, None) for t in batch]
         for t in batch:
             metrics.TASK_SECONDS.labels(t.model, t.lane.value, "inference").observe(elapsed)
@@ -275,8 +276,8 @@ class Worker:
                     release_cuda_cache(self.config.device)
                     return self._out_of_memory(e)
                 error = e
-        log.warning("task %s failed in predict: %s", task.id, _short(error))
-        return ItemError("model_error", _explained(error), retryable=False)
+        log.warning("task %s failed in predict: %s", task.id, short_error(error))
+        return ItemError("model_error", explained_error(error), retryable=False)
 
     def _lose_context(
         self, batch: list[Task], error: BaseException, finding: Finding | None
@@ -286,8 +287,10 @@ class Worker:
         if self.context_lost is None:
             self.context_lost = finding
             log.error("CUDA context lost (%s); this worker stops and is restarted",
-                      _short(error))  # fmt: skip
-        return [ItemError("cuda_context_lost", _explained(error), retryable=True) for _ in batch]
+                      short_error(error))  # fmt: skip
+        return [
+            ItemError("cuda_context_lost", explained_error(error), retryable=True) for _ in batch
+        ]
 
     def _out_of_memory(self, error: BaseException) -> ItemError:
         message = self.config.limits.out_of_memory_message(error)
@@ -408,17 +411,3 @@ class Worker:
 
 # An output slot for a task that never ran: the CUDA context was lost before its turn.
 _UNRUN: Any = object()
-
-
-def _explained(error: BaseException) -> str:
-    """The error, and when it is a known CUDA failure, why it happens and the fix."""
-    short = _short(error)
-    finding = explain(str(error))
-    if finding is None:
-        return short
-    return f"{short} [{finding.check}] {finding.why} Fix: {finding.fix}"[:1500]
-
-
-def _short(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 500 else text[:497] + "..."
