@@ -73,7 +73,9 @@ def test_two_fraction_workers_hold_their_memory_limits(tmp_path: Path) -> None:
         assert too_big["error"]["code"] == "out_of_memory"
         assert "share of the GPU, 4.0 GB" in too_big["error"]["message"]
         after = _run(c, "hog", [{"mib": 2048}] * 8)
-        assert {r["pid"] for r in after} == pids  # neither worker died: it failed alone
+        assert all("held_mib" in r for r in after), after
+        # Neither worker died: the input over the limit failed alone.
+        assert pids <= set(s.workers())
         log = s.output()
     assert "GPU memory capped at 4.0 GB" in log
 
