@@ -74,32 +74,29 @@ class WorkerOps(QueueCore):
         plan = self._lane_plan(model, version, [check_lane(lane) for lane in lanes], max_n)
         now = self.clock()
         until = now + timedelta(seconds=lease)
-        claimed: list[Task] = []
-        # On PostgreSQL each lane's claim is its own atomic statement (see _relaxed_tx): a crash
-        # between the two leaves the second lane's tasks queued, as if never claimed.
+        params: dict[str, object] = {
+            "p_model": model,
+            "p_version": version,
+            "p_limit": max_n,
+            "p_worker": worker_id,
+            "p_now": now,
+            "p_until": until,
+        }
+        if len(plan) == 1:
+            statement = sql.CLAIM
+            params["p_lane"] = plan[0][0].value
+        else:  # (first, quota), (second, all), [(first, all)]: one statement (sql.py)
+            statement = sql.CLAIM_TWO_LANES
+            params.update(p_first=plan[0][0].value, p_quota=plan[0][1],
+                          p_second=plan[1][0].value)  # fmt: skip
         with self._relaxed_tx() as conn:
-            for lane, cap in plan:
-                want = min(cap, max_n - len(claimed))
-                if want <= 0:
-                    continue
-                params = {
-                    "p_model": model,
-                    "p_version": version,
-                    "p_lane": lane.value,
-                    "p_limit": want,
-                    "p_worker": worker_id,
-                    "p_now": now,
-                    "p_until": until,
-                }
-                rows = conn.execute(sql.CLAIM, params).mappings().all()
-                batch = [
-                    Task.from_claim(
-                        r, model=model, version=version, worker_id=worker_id, lease_until=until
-                    )
-                    for r in rows
-                ]
-                claimed.extend(sorted(batch, key=lambda x: (-x.priority, x.id)))
-        claimed.sort(key=lambda x: x.lane != Lane.INTERACTIVE)  # stable: interactive first
+            rows = conn.execute(statement, params).mappings().all()
+        claimed = [
+            Task.from_claim(r, model=model, version=version, worker_id=worker_id, lease_until=until)
+            for r in rows
+        ]
+        # Interactive first, then best priority, then oldest (RETURNING has no order).
+        claimed.sort(key=lambda x: (x.lane != Lane.INTERACTIVE, -x.priority, x.id))
         return self._with_inputs(worker_id, claimed)
 
     def _with_inputs(self, worker_id: str, claimed: list[Task]) -> list[Task]:

@@ -28,51 +28,86 @@ _now = sa.bindparam("p_now", type_=UtcDateTime())
 _until = sa.bindparam("p_until", type_=UtcDateTime())
 _ids: sa.BindParameter[list[str]] = sa.bindparam("p_ids", expanding=True)
 
+
 # Take up to :limit ready tasks of one lane: best priority first, then oldest.
 #
 # PostgreSQL: FOR UPDATE SKIP LOCKED lets concurrent claimers pass over each other's rows
 # instead of queueing behind them; the CTE is evaluated once, so the LIMIT holds. SQLite ignores
 # the locking clause: the caller's BEGIN IMMEDIATE already serialises claimers.
 # Uses ix_tasks_claim (model, model_version, lane, priority DESC, id) WHERE queued.
-_picked = (
-    sa.select(t.id)
-    .where(
-        IS_QUEUED,
-        t.model == sa.bindparam("p_model"),
-        t.model_version == sa.bindparam("p_version"),
-        t.lane == sa.bindparam("p_lane"),
-        t.not_before <= _now,
+def _ready(lane: str, name: str) -> sa.CTE:
+    return (
+        sa.select(t.id, t.priority)
+        .where(
+            IS_QUEUED,
+            t.model == sa.bindparam("p_model"),
+            t.model_version == sa.bindparam("p_version"),
+            t.lane == sa.bindparam(lane),
+            t.not_before <= _now,
+        )
+        .order_by(t.priority.desc(), t.id)
+        .limit(sa.bindparam("p_limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+        .cte(name)
     )
-    .order_by(t.priority.desc(), t.id)
+
+
+def _claim(picked: sa.Select[Any]) -> sa.Update:
+    return (
+        sa.update(tasks)
+        .where(t.id.in_(picked))
+        .values(
+            status=RUNNING,
+            attempts=t.attempts + 1,
+            lease_owner=sa.bindparam("p_worker"),
+            lease_expires_at=_until,
+            started_at=sa.func.coalesce(t.started_at, _now),
+        )
+        # Only what a worker needs (Task.from_claim fills in what the claim itself decided):
+        # returning all 24 columns cost the claimer a third more CPU per task.
+        .returning(
+            t.id,
+            t.tenant,
+            t.lane,
+            t.priority,
+            t.input,
+            t.input_ref,
+            t.attempts,
+            t.max_attempts,
+            t.created_at,
+            t.not_before,
+            t.started_at,
+        )
+    )
+
+
+_picked = _ready("p_lane", "picked")
+CLAIM = _claim(sa.select(_picked.c.id))
+
+# Two lanes in one statement, as the lane plan orders them: up to :quota of the first lane,
+# then the second lane, then the first lane again for what the second lacked; :limit in all.
+# One statement instead of three (a plan that reserves a batch slot used to run the first lane,
+# the empty second, then the first again): at 4 claimers on the 2-core VM, claim-complete went
+# from 2,500 to 4,850 tasks/s. Each lane's CTE locks up to :limit rows (SKIP LOCKED); those not
+# picked are unlocked when the statement commits.
+_first = _ready("p_first", "first_lane")
+_second = _ready("p_second", "second_lane")
+_rank_first = sa.func.row_number().over(order_by=(_first.c.priority.desc(), _first.c.id))
+_rank_second = sa.func.row_number().over(order_by=(_second.c.priority.desc(), _second.c.id))
+_ranked = sa.union_all(
+    sa.select(
+        _first.c.id,
+        sa.case((_rank_first <= sa.bindparam("p_quota", type_=sa.Integer), 0), else_=2).label(
+            "step"
+        ),
+        _rank_first.label("r"),
+    ),
+    sa.select(_second.c.id, sa.literal(1).label("step"), _rank_second.label("r")),
+).cte("ranked")
+CLAIM_TWO_LANES = _claim(
+    sa.select(_ranked.c.id)
+    .order_by(_ranked.c.step, _ranked.c.r)
     .limit(sa.bindparam("p_limit", type_=sa.Integer))
-    .with_for_update(skip_locked=True)
-    .cte("picked")
-)
-CLAIM = (
-    sa.update(tasks)
-    .where(t.id.in_(sa.select(_picked.c.id)))
-    .values(
-        status=RUNNING,
-        attempts=t.attempts + 1,
-        lease_owner=sa.bindparam("p_worker"),
-        lease_expires_at=_until,
-        started_at=sa.func.coalesce(t.started_at, _now),
-    )
-    # Only what a worker needs (Task.from_claim fills in what the claim itself decided):
-    # returning all 24 columns cost the claimer a third more CPU per task.
-    .returning(
-        t.id,
-        t.tenant,
-        t.lane,
-        t.priority,
-        t.input,
-        t.input_ref,
-        t.attempts,
-        t.max_attempts,
-        t.created_at,
-        t.not_before,
-        t.started_at,
-    )
 )
 
 # Heartbeat: extend only the rows this worker still holds. Primary-key lookups.
