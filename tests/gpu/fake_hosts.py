@@ -59,13 +59,16 @@ def recording(
     driver: str = "580.159.04",
     cuda: int = 13000,
     note: str = "synthetic host (tests/gpu/fake_hosts.py)",
+    nvswitch: bool = False,
 ) -> dict[str, Any]:
     """A recording of a host with ``gpus`` (dicts from ``gpu()``).
 
     ``nvlinks``: ``(a, b, links)``: GPUs ``a`` and ``b`` joined by ``links`` NVLinks.
     ``ancestors``: ``{(a, b): PIX | PXB | PHB | NODE | SYS}`` for pairs without NVLink; by
     default GPUs on one NUMA node meet at ``NODE`` and others at ``SYS``.
-    ``cuda``: as NVML says it, 1000 * major + 10 * minor."""
+    ``cuda``: as NVML says it, 1000 * major + 10 * minor.
+    ``nvswitch``: every GPU's 18 links end at NVSwitches (an HGX board): their remote PCI
+    ids are the switches', and NVLink P2P works between every pair."""
     gpus = [gpu(**g) for g in gpus]
     calls: dict[str, dict[str, Any]] = {
         "nvmlInit()": {"result": None},
@@ -77,7 +80,7 @@ def recording(
     }
     for i, g in enumerate(gpus):
         calls |= _device_calls(i, g)
-    calls |= _nvlink_calls(gpus, list(nvlinks))
+    calls |= _switch_calls(len(gpus)) if nvswitch else _nvlink_calls(gpus, list(nvlinks))
     for a in range(len(gpus)):
         for b in range(len(gpus)):
             if a != b:
@@ -157,6 +160,22 @@ def _device_calls(i: int, g: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _numa_cpus(node: int | None) -> list[int]:
     return list(range(16)) if node is None else list(range(16 * node, 16 * node + 16))
+
+
+def _switch_calls(n: int) -> dict[str, dict[str, Any]]:
+    calls: dict[str, dict[str, Any]] = {}
+    for i in range(n):
+        for link in range(NVLINK_SLOTS):
+            calls[f"nvmlDeviceGetNvLinkState(dev{i}, {link})"] = {"result": 1}
+            switch = 0xC0 + link % 4  # four NVSwitches, as on an HGX H100 board
+            calls[f"nvmlDeviceGetNvLinkRemotePciInfo(dev{i}, {link})"] = {
+                "result": {"busId": f"00000000:{switch:02X}:00.0", "domain": 0}
+            }
+        calls[f"nvmlDeviceGetNvLinkState(dev{i}, {NVLINK_SLOTS})"] = INVALID_ARGUMENT
+        for j in range(n):
+            if j != i:  # NVML_P2P_CAPS_INDEX_NVLINK = 2; NVML_P2P_STATUS_OK = 0
+                calls[f"nvmlDeviceGetP2PStatus(dev{i}, dev{j}, 2)"] = {"result": 0}
+    return calls
 
 
 def _nvlink_calls(

@@ -185,3 +185,16 @@ def test_fake_hosts_refuse_more_links_than_an_h100_has() -> None:
         recording([gpu(), gpu()], [(0, 1, 19)])
     with pytest.raises(TypeError, match="unknown GPU fields"):
         gpu(memory_gb=80)
+
+
+def test_gpus_behind_nvswitches_are_joined_by_nvlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an HGX board every link ends at a switch, not a GPU: the pairs come from NVML's
+    NVLink P2P status, at the links' width, as nvidia-smi topo -m shows them (NV18)."""
+    gpus = [gpu(numa_node=0 if i < 4 else 1) for i in range(8)]
+    path = write_recording(tmp_path / "hgx.json", gpus, nvswitch=True)
+    monkeypatch.setenv("GPUFLEET_NVML_RECORDING", str(path))
+    host = discover()
+    assert host.link(0, 7) == "NV18" and host.link(3, 4) == "NV18"
+    assert all(g.nvlinks == {j: 18 for j in range(8) if j != g.index} for g in host.gpus)

@@ -186,6 +186,7 @@ def discover_with(nvml: Any, *, source: str) -> HostInfo:
         by_bus[_bus(gpu.pci_bus_id)] = index
         gpus.append(gpu)
     topology: dict[str, str] = {}
+    switched: dict[int, int] = {}  # GPU -> its active links that end at no GPU
     for index, handle in handles:
         for link in range(nvml.NVML_NVLINK_MAX_LINKS):
             state = ask("nvmlDeviceGetNvLinkState", handle, link)
@@ -197,6 +198,18 @@ def discover_with(nvml: Any, *, source: str) -> HostInfo:
             peer = by_bus.get(_bus(_text(remote.busId))) if remote is not None else None
             if peer is not None and peer != index:
                 gpus[index].nvlinks[peer] = gpus[index].nvlinks.get(peer, 0) + 1
+            elif peer is None:
+                switched[index] = switched.get(index, 0) + 1
+    # Links that end at an NVSwitch (DGX / HGX boards) name the switch, not a GPU: two GPUs
+    # on the switches reach each other over NVLink when NVML says NVLink P2P works, at the
+    # width of their links (nvidia-smi shows NV18 between any two H100 SXMs of an HGX board).
+    for a, ha in handles:
+        for b, hb in handles[a + 1 :]:
+            if a in switched and b in switched and b not in gpus[a].nvlinks:
+                status = ask("nvmlDeviceGetP2PStatus", ha, hb, nvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                if status == nvml.NVML_P2P_STATUS_OK:
+                    width = min(switched[a], switched[b])
+                    gpus[a].nvlinks[b] = gpus[b].nvlinks[a] = width
     for a, ha in handles:
         for b, hb in handles[a + 1 :]:
             links = gpus[a].nvlinks.get(b, 0)
