@@ -82,13 +82,14 @@ def test_interactive_goes_ahead_of_a_batch_backlog(served: Serve) -> None:
 
 
 def test_cancel_a_queued_task(served: Serve) -> None:
+    # Slow tasks ahead of the target (and the target last in line), so the worker cannot reach
+    # it before the cancel does: one-statement claims drain 200 quick tasks in well under the
+    # time it takes to submit them.
+    slow = {**SEVEN, "steps": 100}
+    body = {"model": "digits", "input": slow, "lane": "batch"}
     with served.client() as c:
-        ids = [
-            c.post("/v1/tasks", json={"model": "digits", "input": SEVEN, "lane": "batch"}).json()[
-                "id"
-            ]
-            for _ in range(200)
-        ]
+        ids = [c.post("/v1/tasks", json=body).json()["id"] for _ in range(200)]
+        ids.append(c.post("/v1/tasks", json={**body, "priority": -100}).json()["id"])
         r = c.delete(f"/v1/tasks/{ids[-1]}")
         assert r.status_code == 200
         views = wait_done(c, ids)
