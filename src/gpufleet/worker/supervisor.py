@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -131,8 +132,12 @@ class Supervisor:
                 for slot in slots
                 for k in range(workers_per_slot)
             ]
+        # The pid and a nonce tell this serve's workers from another's with the same host name
+        # (containers in their own PID namespaces): recover_worker must never take a live
+        # worker's tasks.
+        run = f"{os.getpid()}-{secrets.token_hex(3)}"
         for dep, slot, name in placements:
-            wid = f"{host}/{name}/{os.getpid()}"
+            wid = f"{host}/{name}/{run}"[:128]
             self.workers.append(WorkerHandle(wid, dep, slot))
         self.on_exit = on_exit
         self._tails: dict[subprocess.Popen[str], tuple[deque[str], threading.Thread]] = {}
