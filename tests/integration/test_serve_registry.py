@@ -47,7 +47,11 @@ def test_a_tampered_version_is_refused_and_not_restarted(tmp_path: Path) -> None
         assert "refused: integrity_error: scale@1.0.0:weights.safetensors" in out
         assert "not restarting" in out
         with s.client() as c:
-            assert c.get("/healthz").status_code == 503  # not ready: no worker has the model
+            health = c.get("/healthz")
+            assert health.status_code == 503  # not ready: no worker has the model
+            assert health.json()["checks"]["workers:scale"] == (
+                "0/1 ready, 1 refused to load it (not restarted; the reason is in the serve log)"
+            )
             r = c.post("/v1/models/scale/infer", params={"wait": 1}, json={"input": {"x": 2}})
             assert r.json()["status"] == "queued"  # accepted and kept, never served wrong
     finally:

@@ -68,6 +68,8 @@ class ApiContext:
     max_body_bytes: int = 20 * 1024 * 1024
     # (model name) -> (ready, total) local workers; None when workers run elsewhere.
     workers: Callable[[str], tuple[int, int]] | None = None
+    # (model name) -> workers that refused to load it and are not restarted (see the log).
+    refused: Callable[[str], int] | None = None
     background: list[Callable[[threading.Event], None]] = field(default_factory=list)
     watch_poll_s: float = 0.5
 
@@ -346,7 +348,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
         if ctx.workers is not None:
             for m in ctx.models:
                 ready, total = ctx.workers(m.info.name)
-                checks[f"workers:{m.info.name}"] = f"{ready}/{total} ready"
+                refused = ctx.refused(m.info.name) if ctx.refused is not None else 0
+                checks[f"workers:{m.info.name}"] = f"{ready}/{total} ready" + (
+                    f", {refused} refused to load it (not restarted; the reason is in the "
+                    "serve log)"
+                    if refused
+                    else ""
+                )
                 ok = ok and ready > 0
         body = Health(status="ok" if ok else "unavailable", checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -175,6 +175,7 @@ def serve(
                 insecure_no_auth=insecure_no_auth,
                 max_body_bytes=settings.max_input_bytes + 1024 * 1024,
                 workers=workers,
+                refused=supervisor.refused_count,
                 background=[webhooks.run],
             )
         )

@@ -357,6 +357,13 @@ class Supervisor:
         with self._lock:
             return sum(1 for w in self.workers if w.deployment.name == model and w.state == "ready")
 
+    def refused_count(self, model: str) -> int:
+        """Workers of ``model`` that refused to load it (``EXIT_REFUSED``): not restarted."""
+        with self._lock:
+            return sum(
+                1 for w in self.workers if w.deployment.name == model and w.state == "failed"
+            )
+
     def wait_ready(self, timeout: float) -> bool:
         """Until every worker has loaded and warmed up its model (False at once when one
         refused to load)."""
