@@ -86,29 +86,18 @@ def model_check(spec: str, registry: Registry | None) -> ModelCheck:
     """What the rules need of the model ``spec`` names, read as ``serve --model`` reads it;
     imports no model code and loads no weights."""
     from gpufleet.gpu.facts import ModelCheck
-    from gpufleet.models.directory import builtin_models
+    from gpufleet.models.loader import builtin_factory, model_directory
     from gpufleet.models.manifest import ModelManifest
     from gpufleet.models.registry import looks_like_ref
 
     if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        builtins = builtin_models()
-        if name not in builtins:
-            raise InvalidInput(
-                f"unknown built-in model {name!r}; known: {', '.join(sorted(builtins))}"
-            )
-        info = builtins[name]().info  # built-ins: fp32, one whole GPU, torch
+        info = builtin_factory(spec)().info  # built-ins: fp32, one whole GPU, torch
         return ModelCheck(subject=f"{info.name}@{info.version}")
     if registry is not None and looks_like_ref(spec):
         manifest = registry.resolve(spec).manifest
         assert manifest is not None
         return ModelCheck.from_spec(manifest.model)
-    model_dir = Path(spec).expanduser()
-    if not model_dir.is_dir():
-        raise InvalidInput(
-            f"{spec!r} is not a model directory, nor a model in the registry: give a directory "
-            "with a model.yaml, builtin:NAME, or NAME@VERSION of a packaged model"
-        )
+    model_dir = model_directory(spec, registry)
     return ModelCheck.from_spec(ModelManifest.from_yaml(model_dir).model)
 
 

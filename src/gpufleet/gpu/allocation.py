@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpufleet.errors import InsufficientGpu
+from gpufleet.errors import InsufficientGpu, InvalidInput
 from gpufleet.gpu.discovery import GpuInfo, HostInfo
 
 Policy = Literal["binpack", "spread"]
@@ -131,8 +131,6 @@ def allocate(
         _check_request(r)
     labels = [r.label for r in requests]
     if len(set(labels)) != len(labels):
-        from gpufleet.errors import InvalidInput
-
         raise InvalidInput(f"a model is given twice: {', '.join(labels)}")
     cpu = [r for r in requests if r.mode == "none" or not host.gpus]
     gpu = [r for r in requests if r not in cpu]
@@ -169,8 +167,6 @@ def allocate(
 
 
 def _check_request(r: GpuRequest) -> None:
-    from gpufleet.errors import InvalidInput
-
     if r.mode not in MODES:
         raise InvalidInput(f"{r.label}: GPU mode must be one of {', '.join(MODES)}, got {r.mode!r}")
     if r.mode in ("fraction", "mps") and (r.memory_gb is None or r.compute_percent is None):
@@ -227,11 +223,10 @@ def _whole_groups(
         if best is None:
             if groups and not exact:
                 break
+            replicas = f" x {want} replicas" if exact and want > 1 else ""
+            why = [f"{len(open_)} of {len(host.gpus)} GPUs free", *_unavailable(free, why_not)]
             raise InsufficientGpu(
-                f"{r.label} asks for {r.describe()}"
-                + (f" x {want} replicas" if exact and want > 1 else "")
-                + f"; {_free_whole_text(host, free, why_not, len(open_))}",
-                model=r.label,
+                f"{r.label} asks for {r.describe()}{replicas}; " + "; ".join(why), model=r.label
             )
         groups.append(best)
         taken |= {s.gpu.index for s in best}
@@ -259,13 +254,10 @@ def _best_group(host: HostInfo, open_: list[_GpuState], count: int) -> list[_Gpu
     return list(best[1])
 
 
-def _free_whole_text(
-    host: HostInfo, free: list[_GpuState], why_not: dict[int, str | None], open_count: int
-) -> str:
-    parts = [f"{open_count} of {len(host.gpus)} GPUs free"]
-    parts += [f"GPU {s.gpu.index} is held whole by {s.held_whole}" for s in free if s.held_whole]
-    parts += [f"GPU {i}: {why}" for i, why in why_not.items() if why]
-    return "; ".join(parts)
+def _unavailable(states: list[_GpuState], why_not: dict[int, str | None]) -> list[str]:
+    """Why GPUs cannot take a worker: held whole by a model, or left alone by gpufleet."""
+    parts = [f"GPU {s.gpu.index} is held whole by {s.held_whole}" for s in states if s.held_whole]
+    return parts + [f"GPU {i}: {why}" for i, why in why_not.items() if why]
 
 
 def _shared(
@@ -282,7 +274,7 @@ def _shared(
     if not pool:
         raise InsufficientGpu(
             f"{r.label} asks for {r.describe()}; no GPU is left to share: "
-            + _free_whole_text_states(states, why_not),
+            + ("; ".join(_unavailable(states, why_not)) or "no GPUs"),
             model=r.label,
         )
     out: list[Placement] = []
@@ -311,12 +303,6 @@ def _shared(
         _take(r, s, mem, pct, worker=k)
         out.append(_placement(r, [s], replica=k))
     return out
-
-
-def _free_whole_text_states(states: list[_GpuState], why_not: dict[int, str | None]) -> str:
-    parts = [f"GPU {s.gpu.index} is held whole by {s.held_whole}" for s in states if s.held_whole]
-    parts += [f"GPU {i}: {why}" for i, why in why_not.items() if why]
-    return "; ".join(parts) or "no GPUs"
 
 
 def _fits(r: GpuRequest, s: _GpuState, mem: int, pct: int) -> str | None:

@@ -369,12 +369,13 @@ _HOST_CHECKS = frozenset({
     "mps.connection_failed", "mps.server_not_ready", "mps.max_clients", "mps.client_terminated",
     "cuda.device_busy", "cuda.gpu_fault", "cuda.no_device", "cuda.unknown_error",
 })  # fmt: skip
+_NO_MORE_CUDA = _HOST_CHECKS | {s.check for s in SIGNATURES if _RESTART in s.why}
 
 
 def context_lost(finding: Finding | None) -> bool:
     """After this failure the process cannot run CUDA work (the context is lost, or the host
     refused it): the worker must exit and be restarted, not go on claiming work."""
-    return finding is not None and (_RESTART in finding.why or finding.check in _HOST_CHECKS)
+    return finding is not None and finding.check in _NO_MORE_CUDA
 
 
 def explain(text: str, *, capability: Capability | None = None) -> Finding | None:

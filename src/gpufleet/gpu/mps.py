@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from gpufleet.errors import MpsUnavailable as MpsError
+from gpufleet.errors import MpsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,19 @@ class MpsDaemon:
         deadline = time.monotonic() + timeout_s
         while not (self.pipe_dir / "control").exists():
             if self.proc.poll() is not None:
-                raise MpsError(
+                raise MpsUnavailable(
                     f"the MPS daemon for {self.name} exited with {self.proc.returncode}: "
                     f"{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise MpsError(f"the MPS daemon for {self.name} did not start in {timeout_s:.0f}s")
+                raise MpsUnavailable(
+                    f"the MPS daemon for {self.name} did not start in {timeout_s:.0f}s"
+                )
             time.sleep(0.02)
         time.sleep(0.05)
         if self.proc.poll() is not None:
-            raise MpsError(
+            raise MpsUnavailable(
                 f"the MPS daemon for {self.name} exited with {self.proc.returncode}: "
                 f"{self.log_tail()}"
             )
@@ -160,7 +162,7 @@ def control_binary() -> str:
     """The path of ``nvidia-cuda-mps-control``, or ``MpsUnavailable`` saying what to do."""
     exe = shutil.which(CONTROL)
     if exe is None:
-        raise MpsError(
+        raise MpsUnavailable(
             f"mode mps needs {CONTROL} (part of the NVIDIA driver's utilities) on PATH; "
             "install it or use mode fraction"
         )

@@ -15,6 +15,7 @@ The runner returned checks, in ``load(device)`` and before any weights move:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +140,10 @@ class CheckedRunner:
 
 def open_model(spec: str, *, registry: Registry | None = None) -> CheckedRunner:
     """The runner ``spec`` names; reads manifests and imports code, loads no weights."""
-    from gpufleet.models.directory import builtin_models, load_model_dir
+    from gpufleet.models.directory import load_model_dir
 
     if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        builtins = builtin_models()
-        if name not in builtins:
-            raise InvalidInput(
-                f"unknown built-in model {name!r}; known: {', '.join(sorted(builtins))}",
-                model=spec,
-            )
-        return CheckedRunner(builtins[name](), source=spec)
+        return CheckedRunner(builtin_factory(spec)(), source=spec)
     if registry is not None and looks_like_ref(spec):
         checkout = registry.checkout(spec)
         ref = checkout.artifact.ref
@@ -164,6 +158,26 @@ def open_model(spec: str, *, registry: Registry | None = None) -> CheckedRunner:
         runner = load_model_dir(checkout.path, manifest)
         deferred = {p: d for p, d in checkout.files.items() if p not in upfront}
         return CheckedRunner(runner, manifest, deferred=deferred, source=ref, labels=labels)
+    model_dir = model_directory(spec, registry)
+    manifest = ModelManifest.from_yaml(model_dir)
+    return CheckedRunner(load_model_dir(model_dir, manifest), manifest, source=str(model_dir))
+
+
+def builtin_factory(spec: str) -> Callable[[], ModelRunner]:
+    """The class of the built-in model ``builtin:NAME``, or ``InvalidInput`` listing them."""
+    from gpufleet.models.directory import builtin_models
+
+    name = spec.removeprefix("builtin:")
+    builtins = builtin_models()
+    if name not in builtins:
+        raise InvalidInput(
+            f"unknown built-in model {name!r}; known: {', '.join(sorted(builtins))}", model=spec
+        )
+    return builtins[name]
+
+
+def model_directory(spec: str, registry: Registry | None) -> Path:
+    """``spec`` as a model directory, or ``InvalidInput`` saying what ``spec`` may be."""
     model_dir = Path(spec).expanduser()
     if not model_dir.is_dir():
         hint = (
@@ -176,5 +190,4 @@ def open_model(spec: str, *, registry: Registry | None = None) -> CheckedRunner:
             "builtin:NAME, or NAME@VERSION of a packaged model",
             model=spec,
         )
-    manifest = ModelManifest.from_yaml(model_dir)
-    return CheckedRunner(load_model_dir(model_dir, manifest), manifest, source=str(model_dir))
+    return model_dir

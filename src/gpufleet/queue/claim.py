@@ -71,7 +71,9 @@ class WorkerOps(QueueCore):
         check_worker_id(worker_id)
         check_int(max_n, "max_n", 1, MAX_CLAIM)
         lease = self.lease_s if lease_s is None else check_lease(lease_s)
-        plan = self._lane_plan(model, version, [check_lane(lane) for lane in lanes], max_n)
+        first, quota, second = self._lane_plan(
+            model, version, [check_lane(lane) for lane in lanes], max_n
+        )
         now = self.clock()
         until = now + timedelta(seconds=lease)
         params: dict[str, object] = {
@@ -82,13 +84,12 @@ class WorkerOps(QueueCore):
             "p_now": now,
             "p_until": until,
         }
-        if len(plan) == 1:
+        if second is None:
             statement = sql.CLAIM
-            params["p_lane"] = plan[0][0].value
-        else:  # (first, quota), (second, all), [(first, all)]: one statement (sql.py)
+            params["p_lane"] = first.value
+        else:  # one statement for both lanes (sql.py)
             statement = sql.CLAIM_TWO_LANES
-            params.update(p_first=plan[0][0].value, p_quota=plan[0][1],
-                          p_second=plan[1][0].value)  # fmt: skip
+            params.update(p_first=first.value, p_quota=quota, p_second=second.value)
         with self._relaxed_tx() as conn:
             rows = conn.execute(statement, params).mappings().all()
         claimed = [
@@ -121,24 +122,20 @@ class WorkerOps(QueueCore):
 
     def _lane_plan(
         self, model: str, version: str, lanes: list[Lane], max_n: int
-    ) -> list[tuple[Lane, int]]:
-        """Which lane to claim from, in order, and at most how many from each step."""
+    ) -> tuple[Lane, int, Lane | None]:
+        """The lane to claim from first and at most how many from it before the second lane
+        (if any) gets a turn; the first lane then takes what the second lacked."""
         if not lanes:
             raise InvalidInput("lanes must name at least one lane", field="lanes")
         order = sorted(set(lanes), key=[Lane.INTERACTIVE, Lane.BATCH].index)
         if len(order) == 1:
-            return [(order[0], max_n)]
-        if max_n >= self.batch_lane_every:
-            reserved = max_n // self.batch_lane_every
-            return [
-                (Lane.INTERACTIVE, max_n - reserved),
-                (Lane.BATCH, max_n),
-                (Lane.INTERACTIVE, max_n),  # the batch lane had less than its share
-            ]
+            return order[0], max_n, None
+        if max_n >= self.batch_lane_every:  # one slot in batch_lane_every for the batch lane
+            return Lane.INTERACTIVE, max_n - max_n // self.batch_lane_every, Lane.BATCH
         count = self._claims.setdefault((model, version), itertools.count(1))
         if next(count) % self.batch_lane_every == 0:
             order.reverse()
-        return [(lane, max_n) for lane in order]
+        return order[0], max_n, order[1]
 
     def heartbeat(
         self, worker_id: str, task_ids: Sequence[str], lease_s: float | None = None
