@@ -134,6 +134,57 @@ def test_kv_cache_gives_the_logits_of_a_full_recompute(model: TinyLM) -> None:
         torch.testing.assert_close(padded, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_unpadded_attention_gives_the_logits_of_the_masked_path(model: TinyLM) -> None:
+    # A batch without padding skips the mask (causal prompt, unmasked decode): same numbers.
+    net = model._net
+    assert net is not None
+    ids = torch.tensor([[BOS, *b"same length"], [BOS, *b"other words"]])
+    b, p, steps = ids.shape[0], ids.shape[1], 3
+    positions = torch.arange(p).expand(b, p)
+    valid = torch.ones((b, p + steps), dtype=torch.bool)
+    with torch.inference_mode():
+        caches = {flag: net.new_cache(b, p + steps) for flag in (False, True)}
+        logits = {
+            flag: net.forward(ids, positions, valid[:, :p], caches[flag], 0, unpadded=flag)
+            for flag in (False, True)
+        }
+        torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+        last = net.forward(ids, positions, valid[:, :p], unpadded=True, last_only=True)
+        torch.testing.assert_close(last[:, 0], logits[False][:, -1], atol=1e-4, rtol=1e-4)
+        token = logits[False][:, -1].argmax(-1)[:, None]
+        for step in range(steps):
+            pos = torch.full((b, 1), p + step)
+            step_logits = [
+                net.forward(token, pos, valid[:, : p + step + 1], caches[f], p + step, unpadded=f)
+                for f in (False, True)
+            ]
+            torch.testing.assert_close(step_logits[1], step_logits[0], atol=1e-4, rtol=1e-4)
+            token = step_logits[0][:, -1].argmax(-1)[:, None]
+
+
+def test_the_static_step_gives_the_logits_of_the_cached_forward(model: TinyLM) -> None:
+    # ``step`` is what the CUDA decode graph captures: fixed shapes, the slot as a tensor,
+    # attention over the whole cache with -inf past the filled keys.
+    net = model._net
+    assert net is not None
+    prompt = torch.tensor([[BOS, *b"static shapes"]])
+    p, length = prompt.shape[1], 64
+    ones = torch.ones((1, length), dtype=torch.bool)
+    with torch.inference_mode():
+        static, growing = net.new_cache(1, length), net.new_cache(1, length)
+        positions = torch.arange(p)[None]
+        net.forward(prompt, positions, ones[:, :p], static, 0, unpadded=True, last_only=True)
+        want = net.forward(prompt, positions, ones[:, :p], growing, 0)
+        bias = torch.full((1, 1, 1, length), float("-inf"), dtype=net.dtype)
+        bias[..., :p] = 0
+        for at in range(p, p + 5):
+            token = want[:, -1].argmax(-1).view(1, 1)
+            bias[..., at] = 0
+            got = net.step(token, torch.tensor([at]), bias, static)
+            want = net.forward(token, torch.tensor([[at]]), ones[:, : at + 1], growing, at)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_cli_writes_a_loadable_dir_of_the_requested_size(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
     tiny_lm.main(["generate", str(out), "--params", "3e6", "--dtype", "fp32", "--seed", "3"])

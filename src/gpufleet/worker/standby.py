@@ -116,7 +116,7 @@ def warm_families(device: str, dtypes: list[str]) -> None:
     import tempfile
     from pathlib import Path
 
-    from gpufleet.models.demo.tiny_lm import TinyLM, generate_model_dir
+    from gpufleet.models.demo.tiny_lm import GRAPH_AFTER_STEPS, TinyLM, generate_model_dir
 
     with tempfile.TemporaryDirectory(prefix="gpufleet-standby-") as tmp:
         for dtype in dtypes:
@@ -126,6 +126,8 @@ def warm_families(device: str, dtypes: list[str]) -> None:
             runner.load(device)
             runner.warmup()
             runner.predict([{"prompt": "Hello", "max_new_tokens": 8, "seed": 0}])
+            # Long enough to capture the decode graph: the process's first capture costs more.
+            runner.predict([{"prompt": "Hello", "max_new_tokens": GRAPH_AFTER_STEPS}])
             runner.unload()
 
 
