@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = ("interpreter", "imports", "device", "weights", "first_result")
+PHASES = ("interpreter", "imports", "device", "weights", "warm", "first_result")
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_cold_start_quick_writes_results(tmp_path: Path) -> None:
     assert result["machine"]["device"] == "cpu"
     assert result["machine"]["sizes_gb"] == [0.02]
     assert set(result["targets"]) == {
-        "weights_vs_cat_warm_0.02gb",
+        "ready_vs_cat_warm_0.02gb",
         "process_vs_cat_warm_prefetch_0.02gb",
         "process_vs_cat_warm_standby_0.02gb",
     }

@@ -80,8 +80,10 @@ def test_cpu_warns_about_emulated_precisions(
 
 
 @pytest.mark.parametrize("tampered", [False, True])
-def test_prefetch_checks_weights_before_the_model_reads_them(
-    tmp_path: Path, tampered: bool
+@pytest.mark.parametrize("first_call", ["warmup", "predict"])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_no_result_comes_from_weights_before_their_check(
+    tmp_path: Path, tampered: bool, first_call: str, prefetch: bool
 ) -> None:
     registry = Registry(tmp_path / "registry")
     a = registry.package(make_scale_model(tmp_path / "m", scale=5.0))
@@ -93,13 +95,22 @@ def test_prefetch_checks_weights_before_the_model_reads_them(
         data[-1] ^= 0x01  # still parses: only the digest can tell
         blob.write_bytes(bytes(data))
     runner = open_model("scale@1.0.0", registry=registry)
-    runner.prefetch()  # as a worker process does, before it imports torch
+    if prefetch:
+        runner.prefetch()  # as a fresh worker process does, before it imports torch
+
+    def first_use() -> None:
+        # Without a prefetch the check runs while the model warms up on the weights; its
+        # verdict comes before ``warmup`` returns and before any ``predict``.
+        runner.load("cpu")
+        if first_call == "warmup":
+            runner.warmup()
+        assert runner.predict([{"x": 1}]) == [{"y": 5.0}]
+
     if tampered:
         with pytest.raises(IntegrityError, match=r"scale@1\.0\.0:weights\.safetensors"):
-            runner.load("cpu")
+            first_use()
     else:
-        runner.load("cpu")
-        assert runner.predict([{"x": 1}]) == [{"y": 5.0}]
+        first_use()
 
 
 def test_each_format_round_trips_through_the_registry(tmp_path: Path) -> None:

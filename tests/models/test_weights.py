@@ -173,6 +173,39 @@ def test_prefetch_of_a_corrupted_file_makes_the_load_fail(tmp_path: Path) -> Non
     assert integrity.unverified([path]) == [path]
 
 
+@pytest.mark.parametrize("corrupted", [False, True])
+def test_a_file_checked_after_load_is_read_unhashed_then_checked(
+    tmp_path: Path, corrupted: bool
+) -> None:
+    path = tmp_path / "after.safetensors"
+    made = _write(path)
+    digest = integrity.hash_file(path, chunk_size=512)
+    integrity.expect({path: digest})
+    if corrupted:
+        _flip(path, path.stat().st_size - 3)
+    with weights.check_after_load([path]):
+        loaded = load_safetensors(path, "cpu")  # no hashing, no verdict
+    assert integrity.unverified([path]) == [path]
+    if not corrupted:
+        assert torch.equal(_bits(loaded["t_f32"]), _bits(made["t_f32"]))
+    check = integrity.check_in_background(path, digest)  # from the page cache
+    if corrupted:
+        with pytest.raises(IntegrityError, match="chunk"):
+            check.result()
+        assert integrity.unverified([path]) == [path]
+    else:
+        check.result()
+        assert integrity.unverified([path]) == []
+    # Outside the block the loader checks as it reads again.
+    integrity.expect({path: digest})
+    if corrupted:
+        with pytest.raises(IntegrityError):
+            load_safetensors(path, "cpu")
+    else:
+        load_safetensors(path, "cpu")
+        assert integrity.unverified([path]) == []
+
+
 def _raw_file(path: Path, header: object, data: bytes = b"", raw: bytes | None = None) -> Path:
     body = raw if raw is not None else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(body)) + body + data)

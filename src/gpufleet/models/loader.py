@@ -7,15 +7,17 @@ The runner returned checks, in ``load(device)`` and before any weights move:
 1. the device against the model's ``compatibility`` and ``precision`` (``gpufleet.gpu.compat``:
    refused with ``IncompatibleGpu`` naming what was found and the fix);
 2. for a registry version, every file against its recorded digest. Code and small files are
-   checked before anything is imported from them; ``*.safetensors`` weights are checked while
-   ``gpufleet.models.weights`` reads them, or after ``load`` if the model read them some other
-   way, and in either case before the first ``predict``. A mismatch is ``IntegrityError``.
+   checked before anything is imported from them. ``*.safetensors`` weights (data, no code)
+   are checked by background threads while the model loads and warms up on them: ``warmup``
+   (and ``predict``, if called without it) waits for the verdict, so nothing the model
+   computes from them is returned before it. A mismatch is ``IntegrityError``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,8 @@ class CheckedRunner:
         self.source = source
         self.labels = labels or {}
         self._expected = False
+        self._pending = False  # weights loaded while their check still runs
+        self._checks: list[Future[None]] = []  # those checks
 
     @property
     def info(self) -> ModelInfo:
@@ -98,40 +102,66 @@ class CheckedRunner:
 
         integrity.expect(self.deferred, self.labels)
         self._expected = True
-        for path in self.deferred:
-            if path.name.endswith(".safetensors"):
-                prefetch(path)
+        for path in self._weights():
+            prefetch(path)
+
+    def _weights(self) -> list[Path]:
+        return [p for p in self.deferred if p.name.endswith(_DEFERRED_SUFFIXES)]
 
     def load(self, device: str) -> None:
+        """Load; weights no ``prefetch`` is reading are read at full speed and checked
+        afterwards in the background, while the model warms up: ``warmup`` and ``predict``
+        wait for the verdict."""
+        from gpufleet.models.weights import check_after_load
+
         self.check_device(device)
+        after = [] if self._expected else self._weights()
         if not self._expected:  # (again after a prefetch would forget what it verified)
             integrity.expect(self.deferred, self.labels)
+            self._expected = True
         try:
-            self.runner.load(device)
+            with check_after_load(after):
+                self.runner.load(device)
         except Exception:
             # A corrupted file often breaks the load itself: say so rather than the symptom.
             self._verify_deferred()
             raise
-        try:
+        self._checks = [  # from the page cache the load just filled
+            integrity.check_in_background(p, self.deferred[p], name=self.labels.get(p))
+            for p in after
+        ]
+        self._pending = True
+        if not after:
             self._verify_deferred()
-        except BaseException:
-            unload(self.runner)
-            raise
 
     def _verify_deferred(self) -> None:
-        if self._expected:  # a prefetch may be checking them now: its verdict first
-            from gpufleet.models.weights import await_prefetch
+        """Wait for the weights' check (``IntegrityError`` on a mismatch, after unloading),
+        and check whatever no loader or prefetch did."""
+        from gpufleet.models.weights import await_prefetch
 
+        try:
+            checks, self._checks = self._checks, []
+            for check in checks:
+                check.result()
             for path in self.deferred:
                 await_prefetch(path.resolve())
-        for path in integrity.unverified(list(self.deferred)):
-            integrity.verify_file(path, self.deferred[path], name=self.labels.get(path))
-            integrity.claim_verified(path)
+            for path in integrity.unverified(list(self.deferred)):
+                integrity.verify_file(path, self.deferred[path], name=self.labels.get(path))
+                integrity.claim_verified(path)
+        except BaseException:
+            self._pending = False
+            unload(self.runner)
+            raise
+        self._pending = False
 
     def warmup(self) -> None:
-        self.runner.warmup()
+        self.runner.warmup()  # on weights whose check may still run: the verdict comes next
+        if self._pending:
+            self._verify_deferred()
 
     def predict(self, inputs: list[Any]) -> list[Any]:
+        if self._pending:
+            self._verify_deferred()
         return self.runner.predict(inputs)
 
     def unload(self) -> None:

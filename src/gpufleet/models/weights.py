@@ -16,6 +16,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,14 +241,15 @@ def load_safetensors(
     a tensor whose offset is not aligned for its dtype is copied out. ``dtype`` casts the
     floating-point tensors after loading. When ``integrity.expect`` recorded the file's
     digest, every byte is checked on the way and ``IntegrityError`` raised before anything
-    is returned; on success the file is marked verified.
+    is returned; on success the file is marked verified. The exception: a file inside
+    ``check_after_load``, whose caller checks it once it is loaded.
     """
     import torch
 
     file = Path(path).resolve()
     await_prefetch(file)
     header = read_header(file)
-    digest = _checked_digest(file, header)
+    digest = None if _checked_after(file) else _checked_digest(file, header)
     hashed = digest if digest is not None and digest.chunks else None
     segments = _segments(header, hashed)
     n_threads = max(1, min(threads or integrity.default_threads(), len(segments)))
@@ -469,6 +471,32 @@ def prefetch(path: str | Path, *, threads: int | None = None) -> Prefetch:
         if running is None:
             running = _prefetches[file] = Prefetch(file, threads or integrity.default_threads())
     return running
+
+
+_after_load: set[Path] = set()
+
+
+@contextmanager
+def check_after_load(paths: Iterable[Path]) -> Iterator[None]:
+    """Within it, ``load_safetensors`` reads ``paths`` without hashing them: the caller checks
+    them once they are loaded (``integrity.check_in_background``: the reads come from the
+    page cache the load just filled), and lets nothing computed from them out before that.
+    Reading at full speed, then hashing on all cores while the model warms up on the
+    weights, beats hashing inside the reader threads (1 GB on the H100 machine: 0.05 s to
+    read, against 0.11 s to read and hash)."""
+    files = {Path(p).resolve() for p in paths}
+    with _prefetch_lock:
+        _after_load.update(files)
+    try:
+        yield
+    finally:
+        with _prefetch_lock:
+            _after_load.difference_update(files)
+
+
+def _checked_after(file: Path) -> bool:
+    with _prefetch_lock:
+        return file in _after_load
 
 
 def await_prefetch(file: Path) -> None:

@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     from gpufleet.models.loader import CheckedRunner
 
-    if isinstance(runner, CheckedRunner):
+    if isinstance(runner, CheckedRunner) and not args.standby:
+        # A fresh process reads its weights while it imports torch. A standby has torch: its
+        # load reads them at full speed and checks them while the model warms up.
         runner.prefetch()
     queue = TaskQueue.from_settings(Settings())
     config = WorkerConfig(
