@@ -79,12 +79,7 @@ def test_cpu_warns_about_emulated_precisions(
     assert "precision fp16 on the CPU" in caplog.text
 
 
-@pytest.mark.parametrize("tampered", [False, True])
-@pytest.mark.parametrize("first_call", ["warmup", "predict"])
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_no_result_comes_from_weights_before_their_check(
-    tmp_path: Path, tampered: bool, first_call: str, prefetch: bool
-) -> None:
+def _scale_version(tmp_path: Path, tampered: bool) -> Registry:
     registry = Registry(tmp_path / "registry")
     a = registry.package(make_scale_model(tmp_path / "m", scale=5.0))
     if tampered:
@@ -94,23 +89,50 @@ def test_no_result_comes_from_weights_before_their_check(
         data = bytearray(blob.read_bytes())
         data[-1] ^= 0x01  # still parses: only the digest can tell
         blob.write_bytes(bytes(data))
-    runner = open_model("scale@1.0.0", registry=registry)
+    return registry
+
+
+TAMPERED = r"scale@1\.0\.0:weights\.safetensors"
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+@pytest.mark.parametrize("first_call", ["warmup", "predict"])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_no_result_comes_from_weights_before_their_check(
+    tmp_path: Path, tampered: bool, first_call: str, prefetch: bool
+) -> None:
+    runner = open_model("scale@1.0.0", registry=_scale_version(tmp_path, tampered))
     if prefetch:
         runner.prefetch()  # as a fresh worker process does, before it imports torch
-
-    def first_use() -> None:
-        # Without a prefetch the check runs while the model warms up on the weights; its
-        # verdict comes before ``warmup`` returns and before any ``predict``.
-        runner.load("cpu")
-        if first_call == "warmup":
-            runner.warmup()
+    if tampered and prefetch:
+        with pytest.raises(IntegrityError, match=TAMPERED):
+            runner.load("cpu")  # the prefetch's verdict is in before the load returns
+        return
+    # Without a prefetch the check runs while the model warms up on the weights: ``warmup``
+    # itself returns only with a good verdict (a worker exits "refused" on it, before its
+    # first claim), and so does a ``predict`` called without it.
+    runner.load("cpu")
+    call = runner.warmup if first_call == "warmup" else lambda: runner.predict([{"x": 1}])
+    if tampered:
+        with pytest.raises(IntegrityError, match=TAMPERED):
+            call()
+        with pytest.raises(IntegrityError, match=TAMPERED):  # and for good
+            runner.predict([{"x": 1}])
+    else:
+        call()
         assert runner.predict([{"x": 1}]) == [{"y": 5.0}]
 
-    if tampered:
-        with pytest.raises(IntegrityError, match=r"scale@1\.0\.0:weights\.safetensors"):
-            first_use()
-    else:
-        first_use()
+
+def test_a_warmup_broken_by_tampered_weights_says_they_were_tampered(tmp_path: Path) -> None:
+    runner = open_model("scale@1.0.0", registry=_scale_version(tmp_path, tampered=True))
+    runner.load("cpu")
+
+    def broken() -> None:  # what a model's warm-up may do with corrupted numbers
+        raise ValueError("warm-up output is not finite")
+
+    runner.runner.warmup = broken  # type: ignore[method-assign]
+    with pytest.raises(IntegrityError, match=TAMPERED):
+        runner.warmup()
 
 
 def test_each_format_round_trips_through_the_registry(tmp_path: Path) -> None:

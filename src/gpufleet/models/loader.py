@@ -52,6 +52,7 @@ class CheckedRunner:
         self._expected = False
         self._pending = False  # weights loaded while their check still runs
         self._checks: list[Future[None]] = []  # those checks
+        self._refused: BaseException | None = None  # a failed check: never predict again
 
     @property
     def info(self) -> ModelInfo:
@@ -115,6 +116,7 @@ class CheckedRunner:
         from gpufleet.models.weights import check_after_load
 
         self.check_device(device)
+        self._refused = None
         after = [] if self._expected else self._weights()
         if not self._expected:  # (again after a prefetch would forget what it verified)
             integrity.expect(self.deferred, self.labels)
@@ -148,18 +150,26 @@ class CheckedRunner:
             for path in integrity.unverified(list(self.deferred)):
                 integrity.verify_file(path, self.deferred[path], name=self.labels.get(path))
                 integrity.claim_verified(path)
-        except BaseException:
-            self._pending = False
+        except BaseException as exc:
+            self._pending, self._refused = False, exc
             unload(self.runner)
             raise
         self._pending = False
 
     def warmup(self) -> None:
-        self.runner.warmup()  # on weights whose check may still run: the verdict comes next
+        try:
+            self.runner.warmup()  # on weights whose check may still run: the verdict next
+        except Exception:
+            # Tampered weights can break the warm-up itself: say so rather than the symptom.
+            if self._pending:
+                self._verify_deferred()
+            raise
         if self._pending:
             self._verify_deferred()
 
     def predict(self, inputs: list[Any]) -> list[Any]:
+        if self._refused is not None:  # the runner may have no unload(): weights still in
+            raise self._refused
         if self._pending:
             self._verify_deferred()
         return self.runner.predict(inputs)

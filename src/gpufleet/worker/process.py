@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=orphaned, name="orphan-watch", daemon=True).start()
     try:
         worker.run(stop)
-    except (IncompatibleGpu, IntegrityError) as exc:  # raised by load, before any claim
+    except (IncompatibleGpu, IntegrityError) as exc:  # from load or warmup: before any claim
         print(f"refused: {exc}", file=sys.stderr, flush=True)
         queue.close()
         return EXIT_REFUSED

@@ -153,13 +153,18 @@ class DecodeGraph:
 
     It owns a KV cache of ``length`` (the model's context, rounded up to 64) that the prompt
     is written into, eagerly, before the first replay. Inputs and output live in static
-    buffers: ``run`` returns logits that the next ``run`` overwrites.
+    buffers: ``run`` returns logits that the next ``run`` overwrites, and one sequence at a
+    time uses it (a worker predicts from one thread). The cache stays allocated with the
+    model (``Transformer.cache_bytes``; at most ``GRAPH_CACHE_LIMIT``).
     """
 
     def __init__(self, net: Transformer, length: int) -> None:
         self.length = -(-length // 64) * 64  # aligned for the memory-efficient attention kernel
         dev = net.device
-        self.cache = net.new_cache(1, self.length)
+        # Zeros, not torch.empty: the step reads every slot, and a masked slot holding NaN
+        # (reused allocator memory) still poisons the sum (0 * NaN). Slots past a sequence
+        # keep earlier sequences' finite values.
+        self.cache = [(k.zero_(), v.zero_()) for k, v in net.new_cache(1, self.length)]
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
         self.bias = torch.zeros((1, 1, 1, self.length), dtype=net.dtype, device=dev)
@@ -198,6 +203,7 @@ def decode_graph(net: Transformer, length: int) -> DecodeGraph | None:
     try:
         return DecodeGraph(net, length)
     except RuntimeError as exc:  # torch.OutOfMemoryError and capture errors
-        log.warning("tiny-lm decodes without a CUDA graph: %s", str(exc).splitlines()[0])
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        log.warning("tiny-lm decodes without a CUDA graph: %s", first)
         torch.cuda.synchronize(net.device)
         return None
