@@ -70,7 +70,7 @@ def _sqlite_engine(url: sa.URL, *, echo: bool) -> Engine:
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cur)
         # FULL: a task the API accepted survives power loss, not only a process crash.
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -86,6 +86,22 @@ def _sqlite_engine(url: sa.URL, *, echo: bool) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _set_wal(cur: sqlite3.Cursor) -> None:
+    """``PRAGMA journal_mode=WAL``, again while it says the database is locked: the switch
+    needs the file to itself, and SQLite answers "locked" at once rather than through the
+    busy handler when several processes open a new database together (seen in the test of
+    concurrent upgrades)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _begin_immediate(raw: sqlite3.Connection) -> None:
