@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from gpufleet.gpu.ledger import process_children
+
 KEY_RE = re.compile(r"admin key\s+(gfk_[A-Za-z0-9_\-]+)")
 
 
@@ -27,18 +29,7 @@ def free_port() -> int:
 
 def children(pid: int) -> list[int]:
     """Direct child processes of ``pid`` (the worker processes of a serve)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(entry.name))
-    return out
+    return process_children().get(pid, [])
 
 
 class Serve:

@@ -123,8 +123,8 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def descendants(root: int) -> set[int]:
-    """Every process under ``root``: workers may sit below a forkserver or a shell."""
+def process_children() -> dict[int, list[int]]:
+    """Every process's direct children, by parent pid, from ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -137,6 +137,12 @@ def descendants(root: int) -> set[int]:
         fields = stat.rpartition(")")[2].split()
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(root: int) -> set[int]:
+    """Every process under ``root``: workers may sit below a forkserver or a shell."""
+    children = process_children()
     found: set[int] = set()
     todo = [root]
     while todo:
