@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ PROBE = r"""
 import time
 t = {"interpreter": time.time()}
 import json, sys
+from dataclasses import asdict
 from pathlib import Path
 model_dir, device, variant = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 from gpufleet.models import integrity
@@ -145,13 +147,11 @@ def model_dir(workdir: Path, gb: float, dtype: str) -> Path:
     weights, digests = out / WEIGHTS, out / DIGESTS
     if digests.is_file() and weights.is_file():
         recorded = json.loads(digests.read_text())[WEIGHTS]
-        if recorded["size"] == weights.stat().st_size:
+        if recorded["size"] == weights.stat().st_size and recorded.get("blake3"):
             return out
     params = gb * 1e9 / (4 if dtype == "fp32" else 2)
     generate_model_dir(out, params, dtype=dtype)  # type: ignore[arg-type]
-    d = integrity.hash_file(weights)
-    record = {"sha256": d.sha256, "size": d.size, "chunk_size": d.chunk_size, "chunks": d.chunks}
-    digests.write_text(json.dumps({WEIGHTS: record}) + "\n")
+    digests.write_text(json.dumps({WEIGHTS: asdict(integrity.hash_file(weights))}) + "\n")
     return out
 
 

@@ -106,3 +106,26 @@ def test_push_pull_round_trip_through_a_real_registry(cli: Any, tmp_path: Path) 
         assert json.loads(shown.stdout)["digest"] == packaged["digest"]
         missing = runner.invoke(app, ["models", "pull", f"{target}:9.9.9"], env=env)
         assert missing.exit_code == 1 and missing.output.startswith("not_found:")
+
+
+def test_pull_refuses_a_manifest_its_blobs_contradict(cli: Any, tmp_path: Path) -> None:
+    from gpufleet.models.registry import A_BLAKE3, Registry
+    from gpufleet.models.remote import push
+    from gpufleet.testing.oci_registry import OciRegistryServer, find_registry_binary
+
+    if find_registry_binary() is None:
+        pytest.skip("docker-registry (Debian package) is not installed")
+    packaged = json.loads(cli("package", str(make_scale_model(tmp_path / "m")), "--json").stdout)
+    local = Registry(tmp_path / "data" / "registry")
+    manifest = json.loads(local.manifest_bytes(packaged["digest"]))
+    manifest["layers"][0]["annotations"][A_BLAKE3] = "0" * 64  # every sha256 still right
+    forged = local.write_blob(json.dumps(manifest).encode())
+    with OciRegistryServer() as server:
+        target = f"{server.host}/team/scale:forged"
+        push(local.root, forged, target)
+        env = {"GPUFLEET_DATA_DIR": str(tmp_path / "other"), "NO_COLOR": "1"}
+        pulled = runner.invoke(app, ["models", "pull", target], env=env)
+        assert pulled.exit_code == 1, pulled.output
+        assert pulled.output.startswith("integrity_error:") and "blake3" in pulled.output
+        listed = runner.invoke(app, ["models", "list", "--json"], env=env)
+        assert listed.exit_code == 0 and json.loads(listed.stdout) == []

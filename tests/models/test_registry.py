@@ -10,7 +10,13 @@ import pytest
 
 from gpufleet.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from gpufleet.models.integrity import verify_file
-from gpufleet.models.registry import Registry, looks_like_ref, split_ref
+from gpufleet.models.registry import (
+    A_BLAKE3,
+    Registry,
+    _file_record,
+    looks_like_ref,
+    split_ref,
+)
 from tests.models.registry_helpers import make_scale_model
 
 
@@ -134,6 +140,20 @@ def test_checkout_links_files_and_records_chunk_digests(tmp_path: Path, registry
         assert digest.chunks and path.is_symlink()
         verify_file(path, digest)
     assert registry.checkout("scale").path == checkout.path  # reused
+
+
+def test_layers_record_blake3_and_older_layers_without_it_still_verify(
+    tmp_path: Path, registry: Registry
+) -> None:
+    a = registry.package(make_scale_model(tmp_path / "m"))
+    manifest = json.loads(registry.manifest_bytes(a.digest))
+    for layer, rec in zip(manifest["layers"], a.files, strict=True):
+        assert layer["annotations"][A_BLAKE3] == rec.digest.blake3
+        assert len(rec.digest.blake3) == 64
+        del layer["annotations"][A_BLAKE3]  # as packaged before BLAKE3 was recorded
+        old = _file_record(layer)
+        assert old.digest.blake3 == "" and old.digest.chunks == rec.digest.chunks
+        verify_file(registry.blob_path(old.blob), old.digest)
 
 
 def test_files_listed_in_model_yaml_limit_the_package(tmp_path: Path, registry: Registry) -> None:

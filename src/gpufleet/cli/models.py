@@ -305,8 +305,9 @@ def pull_cmd(
                 f"{target} is not a gpufleet model (its manifest has no {A_NAME} annotation)"
             )
         size = desc.size + manifest["config"]["size"] + sum(x["size"] for x in manifest["layers"])
+        registry.verify_manifest(desc.digest, f"{ann[A_NAME]}@{ann[A_VERSION]}")
         registry.add(ann[A_NAME], ann[A_VERSION], desc.digest, desc.size, size=size)
-        a = registry.verify(f"{ann[A_NAME]}@{desc.digest}")
+        a = registry.resolve(f"{ann[A_NAME]}@{desc.digest}")
     _print_done(a, f"pulled {a.ref} ({a.digest})", json_out)
 
 

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +53,7 @@ A_TAG = "io.gpufleet.tag"
 A_CREATED = "org.opencontainers.image.created"
 A_CHUNK_SIZE = "io.gpufleet.chunk-size"
 A_CHUNKS = "io.gpufleet.chunks"
+A_BLAKE3 = "io.gpufleet.blake3"
 _TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints"}
 
@@ -230,9 +231,19 @@ class Registry:
     def verify(self, ref: str) -> Artifact:
         """Check every file of a version against its digests (all cores)."""
         artifact = self.resolve(ref)
-        for rec in artifact.files:
-            verify_file(self.blob_path(rec.blob), rec.digest, name=f"{artifact.ref}:{rec.path}")
+        self.verify_files(artifact.files, artifact.ref)
         return artifact
+
+    def verify_manifest(self, digest: str, label: str) -> None:
+        """Check the files of a stored manifest no version names yet (a pull, before it
+        records one): a manifest whose digests its blobs do not match is never listed."""
+        manifest = json.loads(self._read_verified(digest, f"manifest of {label}"))
+        self._read_verified(manifest["config"]["digest"], f"{label}:{MODEL_FILE}")
+        self.verify_files([_file_record(layer) for layer in manifest["layers"]], label)
+
+    def verify_files(self, files: Iterable[FileRecord], label: str) -> None:
+        for rec in files:
+            verify_file(self.blob_path(rec.blob), rec.digest, name=f"{label}:{rec.path}")
 
     def checkout(self, ref: str) -> Checkout:
         """A directory with the version's files (symlinks into the blobs), for a loader.
@@ -530,6 +541,7 @@ def _layer(rec: FileRecord) -> dict[str, Any]:
             TITLE: rec.path,
             A_CHUNK_SIZE: str(rec.digest.chunk_size),
             A_CHUNKS: ",".join(rec.digest.chunks),
+            **({A_BLAKE3: rec.digest.blake3} if rec.digest.blake3 else {}),
         },
     }
 
@@ -542,6 +554,7 @@ def _file_record(layer: dict[str, Any]) -> FileRecord:
         size=int(layer["size"]),
         chunk_size=int(ann.get(A_CHUNK_SIZE, CHUNK_SIZE)),
         chunks=chunks,
+        blake3=ann.get(A_BLAKE3, ""),
     )
     path = ann.get(TITLE)
     if not path or path.startswith("/") or ".." in Path(path).parts:
