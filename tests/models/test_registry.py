@@ -156,6 +156,27 @@ def test_layers_record_blake3_and_older_layers_without_it_still_verify(
         verify_file(registry.blob_path(old.blob), old.digest)
 
 
+def test_repackaging_a_version_an_older_gpufleet_wrote_is_a_no_op(
+    tmp_path: Path, registry: Registry
+) -> None:
+    # An older gpufleet recorded no BLAKE3: the same files give other manifest bytes.
+    model = make_scale_model(tmp_path / "m")
+    new = registry.package(model)
+    manifest = json.loads(registry.manifest_bytes(new.digest))
+    for layer in manifest["layers"]:
+        del layer["annotations"][A_BLAKE3]
+    raw = json.dumps(manifest).encode()
+    registry.remove("scale@1.0.0")
+    old = registry.write_blob(raw)
+    registry.add("scale", "1.0.0", old, len(raw), size=new.size)
+    assert registry.package(model, tags=("stable",)).digest == old
+    [version] = registry.versions("scale")
+    assert version.digest == old and version.tags == ("stable",)
+    make_scale_model(model, scale=4.0)  # other bytes under that version: still refused
+    with pytest.raises(Conflict, match="already exists with other content"):
+        registry.package(model)
+
+
 def test_files_listed_in_model_yaml_limit_the_package(tmp_path: Path, registry: Registry) -> None:
     model = make_scale_model(
         tmp_path / "m", extra="  files: [{path: runner.py}, {path: weights.safetensors}]\n"

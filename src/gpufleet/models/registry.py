@@ -9,9 +9,10 @@ skopeo and registries read it as is::
     registry/checkouts/<hex>/        a version's files as symlinks to its blobs, for loaders
 
 A version is an OCI image manifest: the config blob is the validated ``model.yaml`` as JSON,
-each file is a layer titled with its path and carrying its chunk digests (see
+each file is a layer titled with its path and carrying its BLAKE3 and chunk digests (see
 ``integrity``). The manifest is serialised deterministically, so the same files under the
-same ``model.yaml`` always give the same artifact digest and re-packaging is a no-op, while
+same ``model.yaml`` give the same artifact digest and re-packaging is a no-op (a version an
+older gpufleet packaged, with fewer digests recorded, is recognised by its files), while
 different content under an existing version is refused. Tags (``stable``, ``canary``) are
 index entries that move; versions and digests never do.
 
@@ -242,8 +243,10 @@ class Registry:
         self.verify_files([_file_record(layer) for layer in manifest["layers"]], label)
 
     def verify_files(self, files: Iterable[FileRecord], label: str) -> None:
+        """Every digest of every file (``verify_file(every=True)``): its BLAKE3 and chunks."""
         for rec in files:
-            verify_file(self.blob_path(rec.blob), rec.digest, name=f"{label}:{rec.path}")
+            name = f"{label}:{rec.path}"
+            verify_file(self.blob_path(rec.blob), rec.digest, name=name, every=True)
 
     def checkout(self, ref: str) -> Checkout:
         """A directory with the version's files (symlinks into the blobs), for a loader.
@@ -310,14 +313,36 @@ class Registry:
             },
         }
         raw = _canonical(body)
-        digest = self._store_bytes(raw)
-        size = len(raw) + len(config) + sum(r.digest.size for r in records)
-        self.add(spec.name, spec.version, digest, len(raw), size=size)
+        existing = self._same_files(spec.name, spec.version, config_digest, records)
+        if existing is not None:  # packaged before, with fewer digests recorded: the same content
+            digest = existing
+        else:
+            digest = self._store_bytes(raw)
+            size = len(raw) + len(config) + sum(r.digest.size for r in records)
+            self.add(spec.name, spec.version, digest, len(raw), size=size)
         for tag in tags:
             self.tag(f"{spec.name}@{digest}", tag)
         if keep is not None:
             self.prune(spec.name, keep=keep)
         return self.resolve(f"{spec.name}@{digest}")
+
+    def _same_files(
+        self, name: str, version: str, config_digest: str, records: list[FileRecord]
+    ) -> str | None:
+        """The manifest digest of ``name@version`` when it holds the same model.yaml and the
+        same files (paths and SHA-256) as ``records``: re-packaging it is a no-op even where
+        an older gpufleet wrote that manifest (without BLAKE3 annotations, so other bytes).
+        None otherwise: a new version, or other content, which ``add`` refuses."""
+        for a in self.versions(name):
+            if a.version != version:
+                continue
+            manifest = json.loads(self._read_verified(a.digest, f"manifest of {a.ref}"))
+            same = manifest["config"]["digest"] == config_digest and sorted(
+                (layer.get("annotations", {}).get(TITLE), layer["digest"])
+                for layer in manifest["layers"]
+            ) == sorted((r.path, r.blob) for r in records)
+            return a.digest if same else None
+        return None
 
     def add(self, name: str, version: str, digest: str, manifest_size: int, *, size: int) -> None:
         """Record a stored manifest as version ``name@version`` (package and pull end here)."""
@@ -546,19 +571,37 @@ def _layer(rec: FileRecord) -> dict[str, Any]:
     }
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _file_record(layer: dict[str, Any]) -> FileRecord:
-    ann = layer.get("annotations", {})
-    chunks = tuple(c for c in ann.get(A_CHUNKS, "").split(",") if c)
-    digest = FileDigest(
-        sha256=layer["digest"].removeprefix("sha256:"),
-        size=int(layer["size"]),
-        chunk_size=int(ann.get(A_CHUNK_SIZE, CHUNK_SIZE)),
-        chunks=chunks,
-        blake3=ann.get(A_BLAKE3, ""),
-    )
+    """A layer's file; ``IntegrityError`` naming the layer when its annotations (which may
+    come from a pulled manifest) are not what ``_layer`` writes."""
+    ann = layer.get("annotations") or {}
+    where = f"layer {layer.get('digest')!r}"
     path = ann.get(TITLE)
-    if not path or path.startswith("/") or ".." in Path(path).parts:
-        raise IntegrityError(f"layer {layer['digest']} has no safe file path ({path!r})")
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in Path(path).parts:
+        raise IntegrityError(f"{where} has no safe file path ({path!r})")
+    chunks_text, chunk_size = ann.get(A_CHUNKS, ""), ann.get(A_CHUNK_SIZE, str(CHUNK_SIZE))
+    chunks = tuple(c for c in chunks_text.split(",") if c) if isinstance(chunks_text, str) else ()
+    b3 = ann.get(A_BLAKE3, "")
+    if (
+        not isinstance(chunks_text, str)
+        or not all(_HEX64.fullmatch(c) for c in chunks)
+        or not (isinstance(chunk_size, str) and chunk_size.isdigit() and int(chunk_size) > 0)
+        or not (b3 == "" or (isinstance(b3, str) and _HEX64.fullmatch(b3)))
+    ):
+        raise IntegrityError(
+            f"{where} ({path}) has malformed digest annotations ({A_CHUNKS}, {A_CHUNK_SIZE}, "
+            f"{A_BLAKE3}): the manifest was not written by gpufleet or was damaged"
+        )
+    digest = FileDigest(
+        sha256=str(layer["digest"]).removeprefix("sha256:"),
+        size=int(layer["size"]),
+        chunk_size=int(chunk_size),
+        chunks=chunks,
+        blake3=b3,
+    )
     return FileRecord(path, digest)
 
 
