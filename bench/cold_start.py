@@ -50,7 +50,6 @@ PROBE = r"""
 import time
 t = {"interpreter": time.time()}
 import json, sys
-from dataclasses import asdict
 from pathlib import Path
 model_dir, device, variant = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 from gpufleet.models import integrity

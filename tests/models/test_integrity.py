@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import signal
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,32 @@ def test_background_check_resolves_and_claims_the_file(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="m@1:w"):
         failed.result(timeout=30)
     assert integrity.unverified([path]) == [path]
+
+
+def test_every_digest_is_checked_when_asked(tmp_path: Path) -> None:
+    path = _file(tmp_path, 3000)
+    digest = integrity.hash_file(path, chunk_size=1000)
+    forged = dataclasses.replace(digest, chunks=(digest.chunks[0], "0" * 64, digest.chunks[2]))
+    integrity.verify_file(path, forged)  # a load: the BLAKE3 pins the bytes
+    with pytest.raises(IntegrityError, match=r"chunk 1 \(bytes 1000-\)"):
+        integrity.verify_file(path, forged, every=True)  # a pull: the record contradicts itself
+    integrity.verify_file(path, digest, every=True)
+
+
+def test_a_child_forked_after_hashing_still_hashes(tmp_path: Path) -> None:
+    # blake3's thread pool does not survive fork: a child using it would wait forever.
+    path = _file(tmp_path, 4 * 1024 * 1024)
+    want = integrity.blake3_file(path)  # the pool is up in this process now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child: exit 0 only with the right digest
+        os._exit(0 if integrity.blake3_file(path) == want else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung hashing")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -3,6 +3,7 @@ and alignment, chunk digests checked on the way, and bad files refused by name."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Iterator
@@ -96,8 +97,15 @@ def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
     assert loaded["t_bool"].dtype == torch.bool
 
 
-def _expect(path: Path, chunk_size: int) -> None:
-    integrity.expect({path: integrity.hash_file(path, chunk_size=chunk_size)})
+def _expect(path: Path, chunk_size: int, recorded: str = "all") -> None:
+    """Expect ``path``'s digests: all of them, or only its chunks (as gpufleet recorded
+    before BLAKE3), or only its BLAKE3."""
+    digest = integrity.hash_file(path, chunk_size=chunk_size)
+    if recorded == "chunks":
+        digest = dataclasses.replace(digest, blake3="")
+    elif recorded == "blake3":
+        digest = dataclasses.replace(digest, chunks=())
+    integrity.expect({path: digest})
 
 
 @pytest.mark.parametrize("chunk_size", [64, 1000, 1 << 20])  # some chunks lie in the header
@@ -110,15 +118,18 @@ def test_matching_chunks_mark_the_file_verified(tmp_path: Path, chunk_size: int)
     assert integrity.unverified([path]) == []
 
 
-def test_whole_file_digest_without_chunks_is_checked_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", ["sha256", "blake3"])
+def test_a_whole_file_digest_without_chunks_is_checked_too(tmp_path: Path, recorded: str) -> None:
     path = tmp_path / "whole.safetensors"
     _write(path)
     full = integrity.hash_file(path)
-    integrity.expect({path: integrity.FileDigest(sha256=full.sha256, size=full.size)})
+    only = dataclasses.replace(full, chunks=(), blake3=full.blake3 if recorded == "blake3" else "")
+    integrity.expect({path: only})
     load_safetensors(path, "cpu")
     assert integrity.unverified([path]) == []
-    integrity.expect({path: integrity.FileDigest(sha256="0" * 64, size=full.size)})
-    with pytest.raises(IntegrityError):
+    wrong = {"sha256": "0" * 64, "blake3": "0" * 64 if recorded == "blake3" else ""}
+    integrity.expect({path: integrity.FileDigest(size=full.size, **wrong)})
+    with pytest.raises(IntegrityError, match=recorded):
         load_safetensors(path, "cpu")
 
 
@@ -152,20 +163,22 @@ def test_changed_size_raises_integrity_error(tmp_path: Path) -> None:
         load_safetensors(path, "cpu")
 
 
-def test_prefetch_verifies_and_the_loader_then_skips_hashing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", ["all", "chunks"])
+def test_prefetch_verifies_and_the_loader_then_skips_hashing(tmp_path: Path, recorded: str) -> None:
     path = tmp_path / "pre.safetensors"
     made = _write(path)
-    _expect(path, 512)
+    _expect(path, 512, recorded)
     weights.prefetch(path).wait()
     assert integrity.unverified([path]) == []
     loaded = load_safetensors(path, "cpu")
     assert torch.equal(_bits(loaded["t_f32"]), _bits(made["t_f32"]))
 
 
-def test_prefetch_of_a_corrupted_file_makes_the_load_fail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", ["all", "chunks", "blake3"])
+def test_prefetch_of_a_corrupted_file_makes_the_load_fail(tmp_path: Path, recorded: str) -> None:
     path = tmp_path / "pre-bad.safetensors"
     _write(path)
-    _expect(path, 512)
+    _expect(path, 512, recorded)
     _flip(path, path.stat().st_size - 3)
     weights.prefetch(path)
     with pytest.raises(IntegrityError):

@@ -26,6 +26,12 @@ def test_a_kill_is_named_and_not_blamed_on_old_output() -> None:
     )
 
 
+def test_a_bus_error_points_at_a_mapped_file() -> None:
+    reason = crash_reason("w1", -signal.SIGBUS, ["worker loading tiny-lm@1.0.0"])
+    assert reason.startswith("worker w1 was killed by SIGBUS (a memory-mapped file")
+    assert "cut short or could not be read" in reason
+
+
 def test_without_a_known_failure_the_last_line_is_given() -> None:
     assert crash_reason("w1", 1, ["Traceback ...", "ValueError: bad weights", ""]) == (
         "worker w1 exited with 1; its last output: ValueError: bad weights"

@@ -424,7 +424,7 @@ class Prefetch:
         self._thread.start()
 
     def wait(self) -> None:
-        """Block until the file is read; raise ``IntegrityError`` if a chunk did not match."""
+        """Block until the file is read; raise ``IntegrityError`` if it did not match."""
         self._thread.join()
         if self._error is not None:
             raise self._error

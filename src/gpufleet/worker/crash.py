@@ -37,6 +37,11 @@ def crash_reason(worker_id: str, code: int | None, tail: list[str]) -> str:
         how = f"was killed by {name}"
         if -code == signal.SIGKILL:
             how += " (the kernel's out-of-memory killer, or a kill -9)"
+        elif -code == signal.SIGBUS:
+            how += (
+                " (a memory-mapped file, such as model weights being checked, was cut short "
+                "or could not be read from its disk)"
+            )
     else:
         how = f"exited with {code}"
     recent = [line for line in tail[-RECENT_LINES:] if line.strip()]
