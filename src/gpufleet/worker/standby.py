@@ -4,7 +4,8 @@ A fresh worker spends seconds before its first byte of weights: the interpreter,
 torch`` (3-5 s on our GPU machine), the CUDA context, cuBLAS and the first kernels. A standby
 pays all that ahead, then waits on stdin for its assignment, so when the supervisor needs a
 worker (a restart after a crash, a new version) the model's load is bound by reading its
-weights. The price is one idle CUDA context per standby (a few hundred MiB of GPU memory).
+weights. The price is one idle CUDA context per standby (a few hundred MiB of GPU memory;
+up to 512 MiB more for a moment while it starts).
 
 It also runs a tiny model of each built-in family end to end (a 2M-parameter tiny-lm in each
 half precision, read from a safetensors file through the same loader): the first load and
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 EXIT_BAD_ASSIGNMENT = 2
 
@@ -122,16 +126,27 @@ def warm_large_matmuls(dev: torch.device, dtypes: list[torch.dtype]) -> None:
     prompts give them) in each half precision. cuBLAS picks other kernels for large shapes
     than for the tiny family models below, and CUDA loads each kernel lazily, on its first
     launch; loading them here takes 0.2-0.4 s. Measured on the H100 with a 1 GB tiny-lm:
-    the model's first warm-up call 0.018 s instead of 0.028-0.030 s without."""
+    the model's first warm-up call 0.018 s instead of 0.028-0.030 s without.
+
+    One weight at a time (at most 512 MiB), none over a quarter of the free memory, and an
+    out-of-memory stops it: it is an optimisation, and a capped slot or a full GPU must not
+    fail the standby."""
     import torch
 
-    for dtype in dtypes:
-        for d in (1024, 2048, 3072, 4096, 8192):
-            for n, k in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):
-                w = torch.empty(n, k, device=dev, dtype=dtype)
-                for m in (1, 2, 8, 32):
-                    x = torch.empty(m, k, device=dev, dtype=dtype)
-                    torch.nn.functional.linear(x, w).addmm_(x, w.t())
+    free = torch.cuda.mem_get_info(dev)[0]
+    try:
+        for dtype in dtypes:
+            for d in (1024, 2048, 3072, 4096, 8192):
+                for n, k in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):
+                    if n * k * dtype.itemsize > free // 4:
+                        continue
+                    w = torch.empty(n, k, device=dev, dtype=dtype)
+                    for m in (1, 2, 8, 32):
+                        x = torch.empty(m, k, device=dev, dtype=dtype)
+                        torch.nn.functional.linear(x, w).addmm_(x, w.t())
+                    del w, x
+    except torch.cuda.OutOfMemoryError:
+        log.info("standby: out of GPU memory warming large matmuls; the rest is skipped")
 
 
 def warm_families(device: str, dtypes: list[str]) -> None:
