@@ -43,6 +43,19 @@ class Transformer:
         self.dtype = weights["embed.weight"].dtype
         half = torch.arange(0, self.head_dim // 2, device=self.device, dtype=torch.float32)
         self.inv_freq = 10000.0 ** (-2 * half / self.head_dim)
+        # Each layer's weights looked up and transposed once, not in every step (a decode step
+        # is bound by the CPU time of each Python-level op).
+        self.blocks = [
+            (
+                weights[f"layers.{i}.attn_norm.weight"],
+                weights[f"layers.{i}.attn.qkv.weight"],
+                weights[f"layers.{i}.attn.out.weight"].t(),
+                weights[f"layers.{i}.mlp_norm.weight"],
+                weights[f"layers.{i}.mlp.up.weight"],
+                weights[f"layers.{i}.mlp.down.weight"].t(),
+            )
+            for i in range(config.n_layers)
+        ]
 
     def new_cache(self, batch: int, length: int) -> Cache:
         c = self.config
@@ -114,36 +127,34 @@ class Transformer:
         start: int | torch.Tensor,  # a tensor: the slot ``step`` writes, attending to all L keys
         s: int,
     ) -> torch.Tensor:
-        c, w, hd = self.config, self.w, self.head_dim
+        c, hd = self.config, self.head_dim
         angles = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
-        turn = torch.polar(torch.ones_like(angles), angles)[:, :, None, None]
-        x = w["embed.weight"][ids]  # a tensor of its own: the residual adds go into it
+        turn = torch.polar(torch.ones_like(angles), angles)[:, None, None]  # [B, 1, 1, T, hd/2]
+        x = self.w["embed.weight"][ids]  # a tensor of its own: the residual adds go into it
         b, t, d = x.shape
         rows = x.view(b * t, d)
         with serving_attention():
-            for i in range(c.n_layers):
-                p = f"layers.{i}."
-                h = F.rms_norm(x, (d,), w[p + "attn_norm.weight"], eps=1e-5)
-                qkv = F.linear(h, w[p + "attn.qkv.weight"]).view(b, t, 3, c.n_heads, hd)
-                pairs = qkv[:, :, :2].float().reshape(b, t, 2, c.n_heads, hd // 2, 2)
+            for i, (attn_norm, qkv_w, out_t, mlp_norm, up_w, down_t) in enumerate(self.blocks):
+                h = F.rms_norm(x, (d,), attn_norm, eps=1e-5)
+                qkv = F.linear(h, qkv_w).view(b, t, 3, c.n_heads, hd).transpose(1, 3)
+                # qkv: [B, H, 3, T, hd]
+                pairs = qkv[:, :, :2].float().reshape(b, c.n_heads, 2, t, hd // 2, 2)
                 turned = torch.view_as_real(torch.view_as_complex(pairs) * turn)
-                qk = turned.view(b, t, 2, c.n_heads, hd).to(x.dtype)
-                q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # [B, H, T, hd]
-                v = qkv[:, :, 2].transpose(1, 2)
+                q, k = turned.view(b, c.n_heads, 2, t, hd).to(x.dtype).unbind(2)  # [B, H, T, hd]
+                v = qkv[:, :, 2]
                 if cache is not None:
                     keys, values = cache[i]
                     if isinstance(start, torch.Tensor):
                         keys.index_copy_(2, start, k)
                         values.index_copy_(2, start, v)
                     else:
-                        keys[:, :, start:s] = k
-                        values[:, :, start:s] = v
-                    k, v = keys[:, :, :s], values[:, :, :s]
+                        keys.narrow(2, start, t).copy_(k)
+                        values.narrow(2, start, t).copy_(v)
+                    k, v = keys.narrow(2, 0, s), values.narrow(2, 0, s)
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
-                rows.addmm_(a.transpose(1, 2).reshape(b * t, d), w[p + "attn.out.weight"].t())
-                h = F.rms_norm(x, (d,), w[p + "mlp_norm.weight"], eps=1e-5)
-                up = F.gelu(F.linear(h, w[p + "mlp.up.weight"]))
-                rows.addmm_(up.view(b * t, c.d_ff), w[p + "mlp.down.weight"].t())
+                rows.addmm_(a.transpose(1, 2).reshape(b * t, d), out_t)
+                h = F.rms_norm(x, (d,), mlp_norm, eps=1e-5)
+                rows.addmm_(F.gelu(F.linear(h, up_w)).view(b * t, c.d_ff), down_t)
         return x
 
 
