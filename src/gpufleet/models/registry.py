@@ -196,13 +196,16 @@ class Registry:
         return self._with_manifest(found)
 
     def _with_manifest(self, artifact: Artifact) -> Artifact:
-        raw = self._read_verified(artifact.digest, "manifest of " + artifact.ref)
-        manifest = json.loads(raw)
+        manifest, files = self._stored(artifact.digest, artifact.ref)
         config = json.loads(self._read_verified(manifest["config"]["digest"], "model.yaml"))
-        files = tuple(_file_record(layer) for layer in manifest["layers"])
         return Artifact(
             **{**artifact.__dict__, "files": files, "manifest": ModelManifest.from_data(config)}
         )
+
+    def _stored(self, digest: str, label: str) -> tuple[dict[str, Any], tuple[FileRecord, ...]]:
+        """The stored manifest ``digest`` (checked against it) and its files."""
+        manifest = json.loads(self._read_verified(digest, f"manifest of {label}"))
+        return manifest, tuple(_file_record(layer) for layer in manifest["layers"])
 
     def manifest_bytes(self, digest: str) -> bytes:
         return self._read_verified(digest, digest)
@@ -238,9 +241,9 @@ class Registry:
     def verify_manifest(self, digest: str, label: str) -> None:
         """Check the files of a stored manifest no version names yet (a pull, before it
         records one): a manifest whose digests its blobs do not match is never listed."""
-        manifest = json.loads(self._read_verified(digest, f"manifest of {label}"))
+        manifest, files = self._stored(digest, label)
         self._read_verified(manifest["config"]["digest"], f"{label}:{MODEL_FILE}")
-        self.verify_files([_file_record(layer) for layer in manifest["layers"]], label)
+        self.verify_files(files, label)
 
     def verify_files(self, files: Iterable[FileRecord], label: str) -> None:
         """Every digest of every file (``verify_file(every=True)``): its BLAKE3 and chunks."""
@@ -336,10 +339,9 @@ class Registry:
         for a in self.versions(name):
             if a.version != version:
                 continue
-            manifest = json.loads(self._read_verified(a.digest, f"manifest of {a.ref}"))
+            manifest, files = self._stored(a.digest, a.ref)
             same = manifest["config"]["digest"] == config_digest and sorted(
-                (layer.get("annotations", {}).get(TITLE), layer["digest"])
-                for layer in manifest["layers"]
+                (f.path, f.blob) for f in files
             ) == sorted((r.path, r.blob) for r in records)
             return a.digest if same else None
         return None

@@ -109,7 +109,7 @@ def prepare_device(device: str) -> float:
             x = torch.softmax(x.float(), dim=-1).to(dtype)
             torch.bmm(x, x.transpose(1, 2))
             torch.nn.functional.scaled_dot_product_attention(x, x, x)
-        warm_large_matmuls(dev, dtypes[1:])
+        warm_large_matmuls(dev, dtypes[1:])  # the half precisions
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()  # the matmuls' operands go back to the GPU
     from gpufleet.models.weights import reserve_staging
