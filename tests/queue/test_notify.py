@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.queue import TaskError, TaskQueue, TaskSpec
-from gpufleet.queue.notify import FINISHED
+from gpufleet.queue.notify import finished_topics
 
 
 def _waiter(q: TaskQueue, model: str, timeout: float, out: list[tuple[bool, float]]) -> None:
@@ -107,10 +107,15 @@ def test_an_idle_wait_does_not_spin(queue: TaskQueue) -> None:
     assert time.process_time() - cpu0 < 0.1  # blocked in select/poll, not polling the database
 
 
-def _finish_waiter(q: TaskQueue, timeout: float, out: list[bool]) -> None:
-    q.notifier.wait(FINISHED, 0)  # subscribe
+def _finish_waiter(q: TaskQueue, timeout: float, out: list[set[str]]) -> None:
+    q.notifier.wait_finished(0)  # subscribe
     ready_finished.set()
-    out.append(q.notifier.wait(FINISHED, timeout))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids, _ = q.notifier.wait_finished(deadline - time.monotonic())
+        if ids:
+            out.append(ids)
+            return
 
 
 ready_finished = threading.Event()
@@ -118,12 +123,13 @@ ready_finished = threading.Event()
 
 @pytest.mark.parametrize("how", ["complete", "fail", "cancel_queued"])
 def test_a_task_ending_wakes_result_waiters(queue: TaskQueue, how: str) -> None:
-    """The API's result waits and event streams are woken by a task ending, however it ends."""
+    """The API's result waits and event streams are woken by a task ending, however it ends,
+    and the wake-up says which task ended (so a waiter reads only its own)."""
     ready_finished.clear()
     task = queue.submit(TaskSpec("m", "1", 1)).task
     if how != "cancel_queued":
         queue.claim("m", "1", "w")
-    out: list[bool] = []
+    out: list[set[str]] = []
     th = threading.Thread(target=_finish_waiter, args=(queue, 10.0, out))
     th.start()
     assert ready_finished.wait(5)
@@ -136,5 +142,22 @@ def test_a_task_ending_wakes_result_waiters(queue: TaskQueue, how: str) -> None:
     else:
         queue.cancel(task.id)
     th.join(10)
-    assert out == [True]
+    assert out == [{task.id}]
     assert time.monotonic() - t0 < 2.0
+
+
+def test_finished_wake_ups_carry_every_id_in_chunks(queue: TaskQueue) -> None:
+    """A batch of many results says each id, in payloads small enough for NOTIFY."""
+    specs = [TaskSpec("m", "1", i) for i in range(250)]
+    ids = {s.task.id for s in queue.submit_many(specs)}
+    claimed = queue.claim("m", "1", "w", max_n=250)
+    assert len(claimed) == 250
+    queue.notifier.wait_finished(0)
+    queue.complete_many("w", [(t.id, 1) for t in claimed])
+    got: set[str] = set()
+    deadline = time.monotonic() + 5
+    while got != ids and time.monotonic() < deadline:
+        more, _ = queue.notifier.wait_finished(deadline - time.monotonic())
+        got |= more
+    assert got == ids
+    assert all(len(topic) < 8000 for topic in finished_topics(ids))

@@ -25,7 +25,7 @@ from gpufleet.errors import (
 )
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore, webhook_due
-from gpufleet.queue.notify import CHANNEL, FINISHED
+from gpufleet.queue.notify import CHANNEL, finished_topics
 from gpufleet.queue.tasks import Completion, Heartbeat, Lane, Task, TaskError, TaskStatus
 from gpufleet.queue.validation import (
     check_error,
@@ -188,7 +188,7 @@ class WorkerOps(QueueCore):
             with autocommit(self.engine) as conn:  # one statement, one durable commit
                 report = self._complete_batch_pg(conn, now, encoded, refs)
             if report.accepted:
-                self._notify_finished_pg()
+                self._notify_finished_pg(report.accepted)
             return report
         params: list[dict[str, Any]] = [
             {"b_id": tid, "b_result": None if tid in refs else res, "b_ref": refs.get(tid)}
@@ -212,7 +212,7 @@ class WorkerOps(QueueCore):
             if done:
                 conn.execute(sql.FINISH_WITH_RESULT, done)
         if done:
-            self.notifier.after_commit([FINISHED])
+            self.notifier.after_commit(finished_topics(p["b_id"] for p in done))
         return Completion(tuple(p["b_id"] for p in done), rejected)
 
     @staticmethod
@@ -239,7 +239,7 @@ class WorkerOps(QueueCore):
             _raise_missing(set(rest) - set(rejected))
         return Completion(tuple(tid for tid in encoded if tid in accepted), rejected)
 
-    def _notify_finished_pg(self) -> None:
+    def _notify_finished_pg(self, task_ids: Sequence[str]) -> None:
         """Wake result waiters after the results' commit, in a transaction of its own that does
         not wait for the disk. Inside the durable commit, NOTIFY would serialise every
         worker's completions behind one lock held through each disk flush (PostgreSQL takes it
@@ -247,9 +247,10 @@ class WorkerOps(QueueCore):
         If this process dies in between, waiters find the results at their next poll."""
         try:
             with self._relaxed_tx() as conn:
-                conn.exec_driver_sql(
-                    "SELECT pg_notify(%(ch)s, %(topic)s)", {"ch": CHANNEL, "topic": FINISHED}
-                )
+                for topic in finished_topics(task_ids):
+                    conn.exec_driver_sql(
+                        "SELECT pg_notify(%(ch)s, %(topic)s)", {"ch": CHANNEL, "topic": topic}
+                    )
         except GpufleetError as e:  # the results are committed: never fail the caller
             log.warning("could not send the 'finished' wake-up: %s", e)
 
@@ -271,7 +272,7 @@ class WorkerOps(QueueCore):
                 sa.update(tasks).where(t.id == task_id).values(values).returning(*tasks.c)
             )
             task = Task.from_row(updated.mappings().one())
-            woken = [task.model] if task.status == TaskStatus.QUEUED else [FINISHED]
+            woken = [task.model] if task.status == TaskStatus.QUEUED else finished_topics([task.id])
             self.notifier.in_transaction(conn, woken)
         self.notifier.after_commit(woken)
         return task
@@ -295,8 +296,9 @@ class WorkerOps(QueueCore):
                 .returning(*tasks.c)
             )
             task = Task.from_row(updated.mappings().one())
-            self.notifier.in_transaction(conn, [FINISHED])
-        self.notifier.after_commit([FINISHED])
+            woken = finished_topics([task_id])
+            self.notifier.in_transaction(conn, woken)
+        self.notifier.after_commit(woken)
         return task
 
     def release(self, worker_id: str, task_ids: Sequence[str]) -> list[str]:
@@ -327,9 +329,11 @@ class WorkerOps(QueueCore):
                     lease_owner=None,
                     lease_expires_at=None,
                 )
-                .returning(t.id, t.model)
+                .returning(t.id, t.model, t.status)
             ).all()
-            woken = {r.model for r in rows} | {FINISHED}
+            ended = [r.id for r in rows if r.status == TaskStatus.CANCELLED.value]
+            woken = {r.model for r in rows if r.status == TaskStatus.QUEUED.value}
+            woken.update(finished_topics(ended))
             self.notifier.in_transaction(conn, woken)
         self.notifier.after_commit(woken)
         return [r.id for r in rows]

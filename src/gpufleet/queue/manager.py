@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from gpufleet.queue import sql
 from gpufleet.queue.claim import WorkerOps
 from gpufleet.queue.core import utcnow
-from gpufleet.queue.notify import FINISHED
+from gpufleet.queue.notify import finished_topics
 from gpufleet.queue.submission import SubmissionOps
 from gpufleet.queue.tasks import DepthRow, Lane, QueueStats, Recovery, TaskError, TaskStatus
 from gpufleet.queue.validation import Limits, check_lane
@@ -101,8 +101,7 @@ class TaskQueue(SubmissionOps, WorkerOps):
                     values, bucket = self._failed(now, error), failed
                 conn.execute(sa.update(tasks).where(t.id == row["id"]).values(values))
                 bucket.append(row["id"])
-            if failed or cancelled:
-                models.add(FINISHED)
+            models.update(finished_topics(failed + cancelled))
             self.notifier.in_transaction(conn, models)
         self.notifier.after_commit(models)
         return Recovery(tuple(requeued), tuple(failed), tuple(cancelled))

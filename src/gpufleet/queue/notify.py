@@ -8,8 +8,9 @@
   waiter in the same process is reached the same way; a socket whose process died is removed.
 
 Waiters always wait with a timeout too (the caller's safety-net poll), so a lost wake-up costs
-latency, never a task. Payloads are model names (work to claim) or ``FINISHED`` (a task ended);
-a waiter ignores other topics' wake-ups.
+latency, never a task. Payloads are model names (work to claim), or ``FINISHED`` (some task
+ended) followed by ``:`` and the ids that ended (``finished_topics``), so a process waiting on
+results reads only the tasks it waits for (``wait_finished``); a waiter ignores other topics.
 """
 
 from __future__ import annotations
@@ -34,7 +35,55 @@ CHANNEL = "gpufleet_tasks"
 # The topic of "some task ended" wake-ups, for waiters on results (the API's ``wait``, events).
 # No model can have this name: model names start with a letter or digit.
 FINISHED = "*finished"
+# Ids per "finished" payload: PostgreSQL's NOTIFY payloads stop at 8,000 bytes, a task id is 36
+# characters and a comma.
+IDS_PER_PAYLOAD = 100
 log = logging.getLogger(__name__)
+
+
+def finished_topics(task_ids: Iterable[str]) -> list[str]:
+    """The wake-ups that say these tasks ended: ``*finished:ID,ID,...`` in chunks."""
+    ids = sorted(set(task_ids))
+    return [
+        f"{FINISHED}:{','.join(ids[i : i + IDS_PER_PAYLOAD])}"
+        for i in range(0, len(ids), IDS_PER_PAYLOAD)
+    ]
+
+
+class FinishedInbox:
+    """The ids of tasks that ended, gathered as wake-ups arrive, for ``wait_finished``. A bare
+    ``FINISHED`` (a sender that did not say which, or a listener that reconnected and may have
+    missed some) sets ``unknown``: the taker must look at every task it waits on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ids: set[str] = set()
+        self._unknown = False
+
+    def add(self, payload: str) -> None:
+        topic, _, ids = payload.partition(":")
+        if topic != FINISHED:
+            return
+        with self._cond:
+            if ids:
+                self._ids.update(ids.split(","))
+            else:
+                self._unknown = True
+            self._cond.notify_all()
+
+    def mark_unknown(self) -> None:
+        with self._cond:
+            self._unknown = True
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> tuple[set[str], bool]:
+        """(ids that ended, whether others may have ended unsaid) since the last take; waits
+        up to ``timeout`` for the first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ids or self._unknown, timeout)
+            ids, unknown = self._ids, self._unknown
+            self._ids, self._unknown = set(), False
+        return ids, unknown
 
 
 class Notifier(Protocol):
@@ -46,6 +95,10 @@ class Notifier(Protocol):
 
     def wait(self, model: str, timeout: float) -> bool:
         """Block until work for ``model`` may be there, or ``timeout`` seconds; True if woken."""
+
+    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
+        """Ids of tasks that ended since the last call (waiting up to ``timeout`` for one), and
+        whether others may have ended unsaid. The first call subscribes, and says ``True``."""
 
     def close(self) -> None: ...
 
@@ -74,6 +127,7 @@ class PostgresNotifier:
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._conn: Any = None
+        self._inbox: FinishedInbox | None = None
 
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
         for model in sorted(set(models)):
@@ -101,10 +155,16 @@ class PostgresNotifier:
                 with self._cond:
                     self._epoch += 1
                     self._cond.notify_all()
+                if self._inbox is not None:  # wake-ups may have been missed meanwhile
+                    self._inbox.mark_unknown()
                 self._listening.set()
                 backoff = 0.5
                 while not self._stop.is_set():
                     for note in self._conn.notifies(timeout=1.0):
+                        if note.payload.startswith(FINISHED):
+                            if self._inbox is not None:
+                                self._inbox.add(note.payload)
+                            continue
                         with self._cond:
                             self._counts[note.payload] = self._counts.get(note.payload, 0) + 1
                             self._cond.notify_all()
@@ -124,7 +184,7 @@ class PostgresNotifier:
             seen = self._local.seen = {}
         return seen
 
-    def wait(self, model: str, timeout: float) -> bool:
+    def _start(self) -> None:
         if self._thread is None:
             with self._cond:
                 if self._thread is None:
@@ -134,6 +194,21 @@ class PostgresNotifier:
                     self._thread.start()
         # Once per process: until LISTEN is in place a submit's wake-up would be lost.
         self._listening.wait(5.0)
+
+    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
+        if self._inbox is None:
+            with self._cond:
+                first = self._inbox is None
+                if first:
+                    self._inbox = FinishedInbox()
+            if first:
+                self._start()
+                return set(), True
+        assert self._inbox is not None
+        return self._inbox.take(timeout)
+
+    def wait(self, model: str, timeout: float) -> bool:
+        self._start()
         seen = self._seen()
         with self._cond:
             state = (self._epoch, self._counts.get(model, 0))
@@ -174,6 +249,8 @@ class SocketNotifier:
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._sender: socket.socket | None = None
+        self._inbox: FinishedInbox | None = None
+        self._closed = threading.Event()
 
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
         pass
@@ -232,6 +309,52 @@ class SocketNotifier:
             self._socks.append(sock)
         return sock, True
 
+    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
+        """Finished ids are gathered by a thread of their own that does nothing but drain its
+        socket: a Unix datagram socket holds only ``net.unix.max_dgram_qlen`` datagrams (10 by
+        default) and senders drop what does not fit, so a waiter that also reads the database
+        between waits would lose wake-ups under load."""
+        if self._inbox is None:
+            with self._lock:
+                first = self._inbox is None
+                if first:
+                    self._inbox = FinishedInbox()
+                    ready = threading.Event()
+                    threading.Thread(
+                        target=self._drain_finished, args=(ready,), name="finished-inbox",
+                        daemon=True,
+                    ).start()  # fmt: skip
+            if first:
+                ready.wait(5.0)
+                return set(), True
+        assert self._inbox is not None
+        return self._inbox.take(timeout)
+
+    def _drain_finished(self, ready: threading.Event) -> None:
+        assert self._inbox is not None
+        try:
+            sock, _ = self._receiver()
+        except OSError as e:
+            log.warning("cannot receive wake-ups in %s (%s); polling instead", self.dir, e)
+            ready.set()
+            return
+        ready.set()
+        while not self._closed.is_set():
+            try:
+                readable, _, _ = select.select([sock], [], [], 1.0)
+                if not readable:
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        payload = sock.recv(65536)
+                        if payload.startswith(FINISHED.encode()):
+                            self._inbox.add(payload.decode(errors="replace"))
+            except (OSError, ValueError):  # closed under us
+                if self._closed.is_set():
+                    return
+                self._inbox.mark_unknown()
+                time.sleep(0.1)
+
     def wait(self, model: str, timeout: float) -> bool:
         try:
             sock, new = self._receiver()
@@ -257,6 +380,7 @@ class SocketNotifier:
         return False
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             for sock in self._socks:
                 with contextlib.suppress(OSError):
