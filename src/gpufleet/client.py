@@ -13,7 +13,15 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -22,6 +30,8 @@ from pydantic import BaseModel
 
 from gpufleet import __version__
 from gpufleet.api.schemas import (
+    BulkItem,
+    BulkSubmitted,
     Health,
     ModelList,
     ResultView,
@@ -76,6 +86,7 @@ _BY_STATUS: dict[int, type[GpufleetError]] = {
 }  # fmt: skip
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def error_from_response(response: httpx.Response) -> GpufleetError:
@@ -122,6 +133,40 @@ def _unavailable(url: str, exc: httpx.TransportError) -> Unavailable:
 
 def _options(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+BULK_CHUNK = 1000  # tasks per bulk request: the API's limit
+_TASK_KEYS = frozenset(
+    {"model", "input", "lane", "priority", "idempotency_key", "webhook_url", "version",
+     "max_attempts"}
+)  # fmt: skip
+
+
+def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _bulk_task(task: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(task, Mapping) or "model" not in task or "input" not in task:
+        raise InvalidInput(f"each task needs 'model' and 'input', got {task!r:.80}", field="tasks")
+    unknown = set(task) - _TASK_KEYS
+    if unknown:
+        raise InvalidInput(
+            f"unknown task field {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TASK_KEYS))}",
+            field="tasks",
+        )
+    return {k: v for k, v in task.items() if v is not None}
+
+
+def _reindex(items: list[BulkItem], offset: int) -> list[BulkItem]:
+    return [it.model_copy(update={"index": it.index + offset}) for it in items]
 
 
 def _outcome(view: ResultView) -> Any:
@@ -231,6 +276,26 @@ class Client(_Base):
             webhook_url=webhook_url, version=version, max_attempts=max_attempts,
         )  # fmt: skip
         return _check(self._send("POST", "/v1/tasks", json=body), Submitted)
+
+    def submit_many(self, tasks: Iterable[Mapping[str, Any]]) -> list[BulkItem]:
+        """Queue many tasks, ``BULK_CHUNK`` to a request, each request one durable commit.
+        Each task is a mapping with ``model`` and ``input`` and any of ``submit``'s options.
+        One ``BulkItem`` per task, in order: its id, or the ``error`` that refused it alone
+        (``index`` counts from the first task given)."""
+        out: list[BulkItem] = []
+        for chunk in _chunks(tasks, BULK_CHUNK):
+            body = {"tasks": [_bulk_task(t) for t in chunk]}
+            page = _check(self._send("POST", "/v1/tasks/batch", json=body), BulkSubmitted)
+            out.extend(_reindex(page.tasks, len(out)))
+        return out
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskView]:
+        """The tasks among ``task_ids`` that exist (and are yours), in one request per 1,000."""
+        out: list[TaskView] = []
+        for i in range(0, len(task_ids), BULK_CHUNK):
+            body = {"ids": list(task_ids[i : i + BULK_CHUNK])}
+            out.extend(_check(self._send("POST", "/v1/tasks/lookup", json=body), TaskList).tasks)
+        return out
 
     def get(self, task_id: str) -> TaskView:
         return _check(self._send("GET", self._task(task_id)), TaskView)
@@ -397,6 +462,24 @@ class AsyncClient(_Base):
             webhook_url=webhook_url, version=version, max_attempts=max_attempts,
         )  # fmt: skip
         return _check(await self._send("POST", "/v1/tasks", json=body), Submitted)
+
+    async def submit_many(self, tasks: Iterable[Mapping[str, Any]]) -> list[BulkItem]:
+        """``Client.submit_many``."""
+        out: list[BulkItem] = []
+        for chunk in _chunks(tasks, BULK_CHUNK):
+            body = {"tasks": [_bulk_task(t) for t in chunk]}
+            page = _check(await self._send("POST", "/v1/tasks/batch", json=body), BulkSubmitted)
+            out.extend(_reindex(page.tasks, len(out)))
+        return out
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskView]:
+        """``Client.get_many``."""
+        out: list[TaskView] = []
+        for i in range(0, len(task_ids), BULK_CHUNK):
+            body = {"ids": list(task_ids[i : i + BULK_CHUNK])}
+            page = _check(await self._send("POST", "/v1/tasks/lookup", json=body), TaskList)
+            out.extend(page.tasks)
+        return out
 
     async def get(self, task_id: str) -> TaskView:
         return _check(await self._send("GET", self._task(task_id)), TaskView)

@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(ApiContext(...))``.
 
-The API holds no task state: every request reads or writes the queue, so any number of API
-processes can serve one database. What it keeps in memory is only who is waiting for what
-(``TaskWatcher``) and the deployed models' descriptions.
+The API holds no task state: every request goes through the ``TaskService`` (submit, wait,
+read) to the queue, so any number of API processes can serve one database. What it keeps in
+memory is only who is waiting for what (the service's watcher) and the deployed models'
+descriptions.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,15 +21,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
 from gpufleet.api.auth import Principal, authenticator
 from gpufleet.api.errors import BodySizeLimit, install_error_handlers
 from gpufleet.api.schemas import (
+    BulkItem,
+    BulkSubmitRequest,
+    BulkSubmitted,
     ErrorBody,
     Health,
     InferRequest,
+    LookupRequest,
     ModelList,
     ModelView,
     ResultView,
@@ -40,12 +44,11 @@ from gpufleet.api.schemas import (
     TaskView,
     WorkerCounts,
 )
-from gpufleet.api.watch import TaskWatcher
-from gpufleet.errors import NotFound, TaskNotFinished
+from gpufleet.errors import GpufleetError, NotFound, TaskNotFinished
 from gpufleet.models.runtime import Batching, ModelInfo
 from gpufleet.monitor import metrics
-from gpufleet.queue import Task, TaskQueue, TaskSpec, TaskStatus
-from gpufleet.queue.batcher import SubmitBatcher
+from gpufleet.queue import Submission, Task, TaskQueue, TaskSpec, TaskStatus
+from gpufleet.queue.service import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     if ctx.keys is None and not ctx.insecure_no_auth:
         raise ValueError("an API needs a key store, or insecure_no_auth=True said explicitly")
     queue = ctx.queue
-    watcher = TaskWatcher(queue, poll_s=ctx.watch_poll_s)
-    # Concurrent submits share one durable commit (see queue/batcher.py).
-    batcher = SubmitBatcher(queue)
+    service = TaskService(queue, watch_poll_s=ctx.watch_poll_s)
     models = {m.info.name: m for m in ctx.models}
     stop = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        watcher.start()
+        service.start()
         threads = [threading.Thread(target=fn, args=(stop,), daemon=True) for fn in ctx.background]
         for th in threads:
             th.start()
@@ -106,8 +107,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             yield
         finally:
             stop.set()
-            watcher.stop()
-            batcher.close()
+            service.close()
             for th in threads:
                 th.join(5)
 
@@ -119,16 +119,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
+    app.add_middleware(_CountRequests)
     app.add_middleware(BodySizeLimit, max_bytes=ctx.max_body_bytes)
     app.state.authenticate = authenticator(ctx.keys, insecure=ctx.insecure_no_auth)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
+    app.state.service = service
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -160,10 +154,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             webhook_url=opts.webhook_url,
         )
 
-    def submit(s: TaskSpec) -> Submitted:
-        sub = batcher.submit(s)
-        if sub.created:
-            metrics.TASKS_SUBMITTED.labels(s.model, str(s.lane)).inc()
+    def submitted(sub: Submission) -> Submitted:
         t = sub.task
         return Submitted(
             id=t.id, status=t.status.value, model=t.model, version=t.model_version,
@@ -173,23 +164,44 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def visible(caller: Principal) -> str | None:
         return None if caller.admin else caller.tenant
 
-    def result_view(t: Task) -> ResultView:
+    async def result_body(t: Task) -> dict[str, Any]:
         error = None
         if t.error is not None and t.status != TaskStatus.SUCCEEDED:
             error = {"code": t.error.code, "message": t.error.message}
-        result = queue.load_result(t) if t.status == TaskStatus.SUCCEEDED else None
-        return ResultView.model_validate(
-            {"id": t.id, "status": t.status.value, "result": result, "error": error}
-        )
+        result = await service.result(t) if t.status == TaskStatus.SUCCEEDED else None
+        return {"id": t.id, "status": t.status.value, "result": result, "error": error}
 
     # -- tasks -------------------------------------------------------------------------------
 
     @app.post("/v1/tasks", status_code=202, response_model=Submitted, tags=["tasks"])
-    def submit_task(body: SubmitRequest, caller: Caller, response: Response) -> Submitted:
+    async def submit_task(body: SubmitRequest, caller: Caller, response: Response) -> Submitted:
         """Queue a task; poll it, stream its events, or get a webhook when it ends."""
-        out = submit(spec(caller, body.model, body, body.input))
+        out = submitted(await service.submit(spec(caller, body.model, body, body.input)))
         response.headers["Location"] = f"/v1/tasks/{out.id}"
         return out
+
+    @app.post("/v1/tasks/batch", status_code=200, response_model=BulkSubmitted, tags=["tasks"])
+    async def submit_tasks(body: BulkSubmitRequest, caller: Caller) -> BulkSubmitted:
+        """Queue up to 1,000 tasks in one durable commit. One entry per task, in order: its
+        id, or the error that refused it alone (the others are still accepted)."""
+        specs: list[TaskSpec | GpufleetError] = []
+        for item in body.tasks:
+            try:
+                specs.append(spec(caller, item.model, item, item.input))
+            except GpufleetError as e:
+                specs.append(e)
+        good = [s for s in specs if isinstance(s, TaskSpec)]
+        outcomes = iter(await service.submit_many(good) if good else [])
+        items: list[BulkItem] = []
+        for i, s in enumerate(specs):
+            out = s if isinstance(s, GpufleetError) else next(outcomes)
+            if isinstance(out, GpufleetError):
+                items.append(BulkItem(index=i, error=out.to_dict()))
+                continue
+            v = submitted(out)
+            items.append(BulkItem(index=i, **v.model_dump()))
+        refused = sum(1 for it in items if it.error is not None)
+        return BulkSubmitted(accepted=len(items) - refused, refused=refused, tasks=items)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
     def list_tasks(
@@ -207,6 +219,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
 
+    @app.post("/v1/tasks/lookup", response_model=TaskList, tags=["tasks"])
+    def lookup_tasks(body: LookupRequest, caller: Caller) -> TaskList:
+        """Up to 1,000 tasks by id in one request (ids that do not exist, or are another
+        tenant's, are left out): how a client follows a bulk submit."""
+        tenant = visible(caller)
+        found = queue.get_many(body.ids)
+        ordered = [found[i] for i in dict.fromkeys(body.ids) if i in found]
+        return TaskList(tasks=[TaskView.of(t) for t in ordered if tenant in (None, t.tenant)])
+
     @app.get("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
     def get_task(task_id: str, caller: Caller) -> TaskView:
         return TaskView.of(queue.get(task_id, tenant=visible(caller)))
@@ -221,7 +242,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 f"task {t.id} is {t.status.value}; its result is not ready yet",
                 status=t.status.value,
             )
-        return result_view(t)
+        error = None
+        if t.error is not None and t.status != TaskStatus.SUCCEEDED:
+            error = {"code": t.error.code, "message": t.error.message}
+        result = queue.load_result(t) if t.status == TaskStatus.SUCCEEDED else None
+        return ResultView.model_validate(
+            {"id": t.id, "status": t.status.value, "result": result, "error": error}
+        )
 
     @app.delete("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
     def cancel_task(task_id: str, caller: Caller) -> TaskView:
@@ -237,11 +264,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def task_events(task_id: str, caller: Caller) -> StreamingResponse:
         """Server-sent events: one ``status`` event (a task object) now and at every change;
         the stream ends after the task ends."""
-        task = await run_in_threadpool(queue.get, task_id, visible(caller))
+        task = await service.get(task_id, visible(caller))
 
         async def stream() -> AsyncIterator[str]:
-            async with watcher.watch(task) as updates:
-                current = await run_in_threadpool(queue.get, task.id)
+            async with service.watch(task) as updates:
+                current = await service.get(task.id)
                 yield _sse("status", TaskView.of(current).model_dump_json())
                 while not current.is_finished:
                     try:
@@ -273,27 +300,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> Any:
         """Submit and wait up to ``wait`` seconds: 200 with the outcome if the task ended, else
         202 with its id (poll it, or stream its events)."""
-        sub = await run_in_threadpool(submit, spec(caller, name, body, body.input))
-        task = await run_in_threadpool(queue.get, sub.id)
-        if not task.is_finished and wait > 0:
-            async with watcher.watch(task) as updates:
-                task = await run_in_threadpool(queue.get, sub.id)  # it may have ended already
-                deadline = time.monotonic() + wait
-                while not task.is_finished:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        task = await asyncio.wait_for(updates.get(), left)
-                    except TimeoutError:
-                        break
+        sub, task = await service.run(spec(caller, name, body, body.input), wait)
         if not task.is_finished:
+            out = submitted(sub).model_copy(update={"status": task.status.value})
             return JSONResponse(
-                sub.model_copy(update={"status": task.status.value}).model_dump(mode="json"),
+                out.model_dump(mode="json"),
                 status_code=202,
-                headers={"Location": f"/v1/tasks/{sub.id}"},
+                headers={"Location": f"/v1/tasks/{task.id}"},
             )
-        return await run_in_threadpool(result_view, task)
+        return JSONResponse(await result_body(task))
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     def list_models(caller: Caller) -> ModelList:
@@ -368,6 +383,34 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Response(metrics.exposition(depth_registry), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _CountRequests:
+    """Requests by method, route and status, for /metrics. Plain ASGI: Starlette's
+    ``BaseHTTPMiddleware`` (``@app.middleware``) costs a task and a memory stream per request,
+    a tenth of the API's CPU at its ceiling."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
 
 
 def _sse(event: str, data: str) -> str:

@@ -31,7 +31,11 @@ def authenticator(keys: Any, *, insecure: bool) -> Callable[[Request], Any]:
             raise Unauthorized(
                 "send an API key as 'Authorization: Bearer KEY' (gpufleet keys create)"
             )
-        found: Principal | None = await run_in_threadpool(keys.verify, key.strip())
+        # A key seen in the last few seconds is answered on the event loop; only a cache miss
+        # costs a thread and a database read.
+        found: Principal | None = keys.cached(key.strip())
+        if found is None:
+            found = await run_in_threadpool(keys.verify, key.strip())
         if found is None:
             raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
         return found

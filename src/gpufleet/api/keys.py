@@ -170,6 +170,18 @@ class KeyStore:
             self._cache.pop(cached, None)
         return ApiKeyInfo.from_row(row)
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal of ``key`` if it was verified within the cache's lifetime; None
+        when the database must be asked (``verify``). Never touches the database, so an event
+        loop may call it."""
+        match = _KEY.match(key) if isinstance(key, str) else None
+        if match is None:
+            return None
+        cached = self._cache.get((match[1], _sha256(match[2])))
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        return None
+
     def verify(self, key: str) -> Principal | None:
         """The principal of a valid, unrevoked key; None for anything else (which is not said).
 

@@ -39,6 +39,16 @@ class SubmitRequest(TaskOptions):
     input: Any = Field(description="the model's input (its input_schema in GET /v1/models)")
 
 
+class BulkSubmitRequest(_Body):
+    tasks: list[SubmitRequest] = Field(
+        min_length=1, max_length=1000, description="up to 1,000 tasks, committed together"
+    )
+
+
+class LookupRequest(_Body):
+    ids: list[str] = Field(min_length=1, max_length=1000, description="task ids (up to 1,000)")
+
+
 class InferRequest(TaskOptions):
     input: Any = Field(description="the model's input (its input_schema in GET /v1/models)")
 
@@ -100,6 +110,24 @@ class Submitted(BaseModel):
     model: str
     version: str
     created: bool = Field(description="false when an idempotency key matched an earlier task")
+
+
+class BulkItem(BaseModel):
+    """One task of a bulk submit: ``id`` and ``status`` when accepted, else ``error``."""
+
+    index: int
+    id: str | None = None
+    status: StatusName | None = None
+    model: str | None = None
+    version: str | None = None
+    created: bool | None = None
+    error: dict[str, Any] | None = None
+
+
+class BulkSubmitted(BaseModel):
+    accepted: int
+    refused: int
+    tasks: list[BulkItem]
 
 
 class ResultView(BaseModel):

@@ -58,8 +58,19 @@ def parse_input(text: str) -> Any:
 
 
 def submit(
-    model: str = typer.Argument(help="A deployed model's name (gpufleet models)."),
-    input: str = typer.Option(..., "--input", "-i", help="The input: JSON, or @FILE, or @-."),
+    model: str | None = typer.Argument(
+        None, help="A deployed model's name (gpufleet models); with --file, the default."
+    ),
+    input: str | None = typer.Option(
+        None, "--input", "-i", help="The input: JSON, or @FILE, or @-."
+    ),
+    file: Path | None = typer.Option(
+        None,
+        "--file",
+        "-f",
+        help="Submit every task of a JSONL file (one object a line, with "
+        '"input" and any option), in bulk, and follow them with a progress bar.',
+    ),
     lane: str = typer.Option("interactive", "--lane", help="interactive or batch."),
     priority: int = typer.Option(0, "--priority", help="Higher runs first within the lane."),
     idempotency_key: str | None = typer.Option(
@@ -69,6 +80,7 @@ def submit(
         None, "--webhook-url", help="POSTed the finished task once it ends."
     ),
     wait: bool = typer.Option(False, "--wait", help="Wait for the result and print it."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="With --file: only submit."),
     timeout: float | None = typer.Option(
         None, "--timeout", min=0, help="With --wait: give up after SECONDS (implies --wait)."
     ),
@@ -77,7 +89,23 @@ def submit(
     url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
-    """Queue a task. Prints its id; with --wait, follows it and prints its result."""
+    """Queue a task. Prints its id; with --wait, follows it and prints its result. With
+    --file, queues every task of the file and follows them all."""
+    if file is not None:
+        if input is not None or idempotency_key is not None:
+            fail("invalid_input: --file takes no --input or --idempotency-key (each line "
+                 "holds its own)", 2)  # fmt: skip
+        from gpufleet.cli.bulk import submit_file
+
+        defaults = {"model": model, "lane": lane, "priority": priority,
+                    "webhook_url": webhook_url}  # fmt: skip
+        with reported_errors(), open_client(url, key) as client:
+            submit_file(client, file, {k: v for k, v in defaults.items() if v is not None},
+                        wait=not no_wait, timeout=timeout, output=output,
+                        json_out=json_out)  # fmt: skip
+        return
+    if model is None or input is None:
+        fail("invalid_input: give MODEL and --input, or --file FILE", 2)
     value = parse_input(input)
     with reported_errors(), open_client(url, key) as client:
         sub = client.submit(

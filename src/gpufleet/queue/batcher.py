@@ -41,13 +41,18 @@ class SubmitBatcher:
 
     def submit(self, spec: TaskSpec) -> Submission:
         """Submit and wait until the task is durable, as ``TaskQueue.submit`` does."""
+        return self.submit_future(spec).result()
+
+    def submit_future(self, spec: TaskSpec) -> Future[Submission]:
+        """Submit; the future resolves once the task is durable (for callers on an event loop,
+        which must not block on the commit)."""
         future: Future[Submission] = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("submit batcher is closed")
             self._pending.append((spec, future))
             self._cond.notify()
-        return future.result()
+        return future
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:

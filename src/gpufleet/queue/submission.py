@@ -14,7 +14,7 @@ from gpufleet.errors import IdempotencyConflict, NotFound, QuotaExceeded, TaskFi
 from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore, webhook_due
 from gpufleet.queue.ids import new_task_id
-from gpufleet.queue.notify import FINISHED
+from gpufleet.queue.notify import finished_topics
 from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
 from gpufleet.queue.validation import PreparedTask, check_int, check_name, check_status, prepare
 from gpufleet.store.engine import read_tx, write_tx
@@ -30,7 +30,16 @@ class SubmissionOps(QueueCore):
 
     def submit_many(self, specs: Sequence[TaskSpec]) -> list[Submission]:
         """Submit several tasks in one transaction: all are accepted, or none is."""
-        prepared = [prepare(s, self.limits) for s in specs]  # every check before any write
+        return self.submit_prepared([self.prepare(s) for s in specs])  # every check first
+
+    def prepare(self, spec: TaskSpec) -> PreparedTask:
+        """Check ``spec`` (``InvalidInput`` naming the field) and encode its input."""
+        return prepare(spec, self.limits)
+
+    def submit_prepared(self, prepared: Sequence[PreparedTask]) -> list[Submission]:
+        """``submit_many`` of tasks already checked by ``prepare``: one transaction, one
+        durable commit, all accepted or none."""
+        prepared = list(prepared)
         self._refuse_reused_keys(prepared)
         now = self.clock()
         # Large inputs go to the blob store first: a crash between the two leaves an orphan
@@ -172,6 +181,16 @@ class SubmissionOps(QueueCore):
             rows = conn.execute(sa.select(tasks).where(t.id.in_(ids))).mappings().all()
         return {r["id"]: Task.from_row(r) for r in rows}
 
+    def task_states(self, task_ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+        """(status, cancel_requested) of the tasks that exist among ``task_ids``: what a
+        watcher compares, without reading inputs or results."""
+        ids = sorted({str(i)[:64] for i in task_ids})
+        if not ids:
+            return {}
+        query = sa.select(t.id, t.status, t.cancel_requested).where(t.id.in_(ids))
+        with read_tx(self.engine) as conn:
+            return {r.id: (r.status, bool(r.cancel_requested)) for r in conn.execute(query)}
+
     def list_tasks(
         self,
         *,
@@ -222,7 +241,7 @@ class SubmissionOps(QueueCore):
             if status != TaskStatus.CANCELLED:
                 conn.execute(sa.update(tasks).where(t.id == task_id).values(values))
             row = conn.execute(sa.select(tasks).where(t.id == task_id)).mappings().one()
-            ended = [FINISHED] if status == TaskStatus.QUEUED else []
+            ended = finished_topics([task_id]) if status == TaskStatus.QUEUED else []
             self.notifier.in_transaction(conn, ended)
         self.notifier.after_commit(ended)
         return Task.from_row(row)
