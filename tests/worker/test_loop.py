@@ -107,14 +107,25 @@ def test_tasks_run_in_batches_up_to_the_limit(q: TaskQueue) -> None:
     assert worker.stats.succeeded == 10
 
 
-def test_a_batch_waits_up_to_the_queue_delay_for_more_work(q: TaskQueue) -> None:
-    model = Doubler(max_batch=8, delay_ms=400)
+def test_tasks_arriving_together_wait_up_to_the_queue_delay_for_more(q: TaskQueue) -> None:
+    model = Doubler(max_batch=8, delay_ms=3000)
     with Running(q, model):
-        first = _submit(q, [1])
-        time.sleep(0.1)  # within the 400 ms the worker waits for a fuller batch
-        second = _submit(q, [2, 3])
+        first = _submit(q, [1, 2])  # arriving together: work is flowing, a wait may pay
+        time.sleep(0.1)  # well within the 3 s the worker waits for a fuller batch
+        second = _submit(q, [3])
         _wait_finished(q, first + second)
     assert model.batches == [[1, 2, 3]]
+
+
+def test_a_lone_task_starts_at_once(q: TaskQueue) -> None:
+    """Nothing else is queued, so waiting for a fuller batch cannot help: with a 60 s window
+    the task still ends within the 10 s that _wait_finished allows."""
+    model = Doubler(max_batch=8, delay_ms=60_000)
+    with Running(q, model):
+        ids = _submit(q, [1])
+        tasks = _wait_finished(q, ids)
+    assert tasks[ids[0]].status == TaskStatus.SUCCEEDED
+    assert model.batches == [[1]]
 
 
 def test_an_item_error_fails_that_task_alone(q: TaskQueue) -> None:

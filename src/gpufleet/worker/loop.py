@@ -3,9 +3,10 @@
 One ``Worker`` serves one model version on one device. It pulls: it claims only when it can
 run a batch at once, so the least busy worker takes the next task (the queue is the balancer).
 
-Dynamic batching, as Triton's: a claim takes up to ``max_batch_size`` tasks; when the batch is
-not full the worker waits up to ``max_queue_delay_ms`` for more work (woken by the queue's
-wake-ups, not polling) and claims again, then runs whatever it has.
+Dynamic batching: a claim takes up to ``max_batch_size`` tasks; when the batch is not full and
+more work is arriving (``worker.batching``: never for a request alone), the worker waits up to
+``max_queue_delay_ms`` for more (woken by the queue's wake-ups, not polling) and claims again,
+then runs whatever it has.
 
 Failures stay as small as possible:
 - a runner's ``ItemError`` fails that one task (retryable or not, as the runner says);
@@ -48,6 +49,7 @@ from gpufleet.gpu.cuda_errors import context_lost, explain
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
+from gpufleet.worker.batching import BatchWindow
 from gpufleet.worker.crash import explained_error, short_error
 from gpufleet.worker.limits import WorkerLimits
 
@@ -97,6 +99,7 @@ class Worker:
         if delay_ms is None:
             delay_ms = runner.batching.max_queue_delay_ms
         self.max_delay_s = delay_ms / 1000.0
+        self.window = BatchWindow(self.max_batch, self.max_delay_s)
         self.heartbeat_s = config.heartbeat_s or queue.lease_s / 3
         self.stats = WorkerStats()
         self._held: dict[str, Task] = {}  # claimed, result not yet committed
@@ -132,17 +135,24 @@ class Worker:
         beats.start()
         self._completer = Completer(self.queue, cfg.worker_id)
         try:
-            # The next batch is claimed before the last one's results are handed on: a claim
-            # made while the results' durable commit holds SQLite's write lock waited for that
-            # disk flush, at every batch. The slot is free either way.
+            # While work is deep (the last claim came back full) the next batch is claimed
+            # before the last one's results are handed on: a claim made while the results'
+            # durable commit holds SQLite's write lock waited for that disk flush, at every
+            # batch. Otherwise the results go first: their clients are waiting, and the claim
+            # most likely finds little.
             results: _Results | None = None
+            deep = False
             while not stop.is_set() and self.context_lost is None:
+                if results is not None and not deep:
+                    self._hand_on(results)
+                    results = None
                 try:
                     batch = self._gather(stop)
                 except GpufleetError as e:  # an outage: keep the model loaded, try again
                     log.warning("claim failed: %s; retrying", e)
                     batch = []
                     stop.wait(1.0)
+                deep = len(batch) >= self.max_batch
                 if results is not None:
                     self._hand_on(results)
                     results = None
@@ -173,8 +183,9 @@ class Worker:
 
     def _gather(self, stop: threading.Event) -> list[Task]:
         batch = self._claim(self.max_batch)
-        if not batch or len(batch) >= self.max_batch or self.max_delay_s <= 0:
+        if not self.window.should_wait(len(batch)):
             return batch
+        claimed = len(batch)
         deadline = time.monotonic() + self.max_delay_s
         while len(batch) < self.max_batch and not stop.is_set():
             left = deadline - time.monotonic()
@@ -182,6 +193,7 @@ class Worker:
                 break
             self.queue.notifier.wait(self.config.model, left)
             batch += self._claim(self.max_batch - len(batch))
+        self.window.waited(len(batch) - claimed)
         return batch
 
     def _run_batch(self, batch: list[Task]) -> _Results | None:
