@@ -10,15 +10,21 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
 
 from gpufleet.cli.context import console, fail, reported_errors, state
 from gpufleet.gpu.allocation import Placement
 from gpufleet.gpu.ledger import write_allocations
+
+if TYPE_CHECKING:
+    from gpufleet.api.app import DeployedModel
 
 DEFAULT_MODEL = "builtin:digits"
 
@@ -69,6 +75,15 @@ def serve(
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys (every caller is admin)."
     ),
+    api_workers: int | None = typer.Option(
+        None,
+        "--api-workers",
+        min=1,
+        max=64,
+        envvar="GPUFLEET_API_WORKERS",
+        help="HTTP API processes, all on one port and one queue (default: one per four "
+        "cores, up to 8; one below 8 cores).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
 ) -> None:
     """Serve models: HTTP API, durable queue and GPU workers."""
@@ -89,6 +104,7 @@ def serve(
 
         from gpufleet.api.app import ApiContext, DeployedModel, create_app
         from gpufleet.api.keys import KeyStore
+        from gpufleet.api.process import default_api_workers
         from gpufleet.api.webhooks import WebhookDispatcher
         from gpufleet.gpu.allocation import GpuRequest
         from gpufleet.gpu.discovery import discover
@@ -167,6 +183,7 @@ def serve(
 
         reaper = LeaseReaper(queue)
         webhooks = WebhookDispatcher(queue)
+        n_api = api_workers or default_api_workers()
         app = create_app(
             ApiContext(
                 queue=queue,
@@ -194,7 +211,8 @@ def serve(
     base = f"http://{host}:{port}"
     lines = [
         f"[bold]gpufleet[/bold] serving {', '.join(d.info.name for d in deployed)}",
-        f"API        {base}/v1   (docs: {base}/docs)",
+        f"API        {base}/v1   (docs: {base}/docs)"
+        + (f"; {n_api} API processes" if n_api > 1 else ""),
         f"health     {base}/healthz   metrics: {base}/metrics",
         f"database   {_safe_url(settings.resolved_database_url())}",
         f"workers    {len(supervisor.workers)}: "
@@ -225,7 +243,20 @@ def serve(
         write_allocations(allocations, gpu_host, plan.placements, policy=plan_policy)
         supervisor.start()
         reaper.start()
-        server.run()  # until SIGINT / SIGTERM
+        if n_api == 1:
+            server.run()  # until SIGINT / SIGTERM
+        else:
+            with reported_errors():
+                _serve_processes(
+                    n_api, host, port, run_dir, env, deployed, webhooks.run,
+                    counts=lambda: {
+                        d.info.name: (*workers(d.info.name), supervisor.refused_count(d.info.name))
+                        for d in deployed
+                    },
+                    insecure_no_auth=insecure_no_auth,
+                    max_body_bytes=settings.max_input_bytes + 1024 * 1024,
+                    log_level=log_level,
+                )  # fmt: skip
     finally:
         console.print("stopping: draining workers")
         supervisor.stop()
@@ -233,6 +264,73 @@ def serve(
         reaper.stop()
         queue.close()
         allocations.unlink(missing_ok=True)
+
+
+def _serve_processes(
+    n: int,
+    host: str,
+    port: int,
+    run_dir: Path,
+    env: dict[str, str],
+    deployed: list[DeployedModel],
+    background: Callable[[threading.Event], None],
+    *,
+    counts: Callable[[], dict[str, tuple[int, int, int]]],
+    insecure_no_auth: bool,
+    max_body_bytes: int,
+    log_level: str,
+) -> None:
+    """The API in ``n`` processes on one listening socket (``api.process``), until SIGINT or
+    SIGTERM; this process publishes its workers' readiness for them and runs the webhook
+    dispatcher. An API process that dies is started again."""
+    import socket
+
+    from gpufleet.api.process import WORKERS_FILE, spawn, write_config, write_status
+    from gpufleet.errors import InvalidInput
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}", field="port") from e
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    status_file = run_dir / WORKERS_FILE
+    config = run_dir / "api.json"
+    write_status(status_file, counts())
+    write_config(
+        config, models=deployed, insecure_no_auth=insecure_no_auth,
+        max_body_bytes=max_body_bytes, status_file=status_file, log_level=log_level,
+    )  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    side = threading.Thread(target=background, args=(stop,), daemon=True)
+    side.start()
+    procs = spawn(n, sock, config, env)
+    try:
+        while not stop.wait(0.25):
+            write_status(status_file, counts())
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None:
+                    logging.getLogger(__name__).warning(
+                        "API process %d exited with %s; starting another", proc.pid,
+                        proc.returncode,
+                    )  # fmt: skip
+                    procs[i] = spawn(1, sock, config, env)[0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        sock.close()
+        side.join(5)
+        status_file.unlink(missing_ok=True)
 
 
 def _placements_line(placements: list[Placement]) -> str:
