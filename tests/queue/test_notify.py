@@ -8,11 +8,12 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpufleet.queue import TaskError, TaskQueue, TaskSpec
-from gpufleet.queue.notify import finished_topics
+from gpufleet.queue.notify import FinishedInbox, finished_topics
 
 
 def _waiter(q: TaskQueue, model: str, timeout: float, out: list[tuple[bool, float]]) -> None:
@@ -112,9 +113,9 @@ def _finish_waiter(q: TaskQueue, timeout: float, out: list[set[str]]) -> None:
     ready_finished.set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ids, _ = q.notifier.wait_finished(deadline - time.monotonic())
-        if ids:
-            out.append(ids)
+        ended = q.notifier.wait_finished(deadline - time.monotonic())
+        if ended.ids:
+            out.append(ended.ids)
             return
 
 
@@ -155,9 +156,25 @@ def test_finished_wake_ups_carry_every_id_in_chunks(queue: TaskQueue) -> None:
     queue.notifier.wait_finished(0)
     queue.complete_many("w", [(t.id, 1) for t in claimed])
     got: set[str] = set()
+    outcomes: dict[str, Any] = {}
     deadline = time.monotonic() + 5
     while got != ids and time.monotonic() < deadline:
-        more, _ = queue.notifier.wait_finished(deadline - time.monotonic())
-        got |= more
+        ended = queue.notifier.wait_finished(deadline - time.monotonic())
+        got |= ended.ids
+        outcomes |= ended.outcomes
     assert got == ids
+    # Small results ride on the wake-up, so a waiter needs no read to answer.
+    assert outcomes == {tid: ("succeeded", 1) for tid in ids}
     assert all(len(topic) < 8000 for topic in finished_topics(ids))
+
+
+def test_large_results_are_not_carried_by_wake_ups() -> None:
+    big = b'"' + b"x" * 5000 + b'"'
+    [topic] = finished_topics(["a", "b"], {"a": ("succeeded", big), "b": ("succeeded", b"2")})
+    inbox = FinishedInbox()
+    inbox.add(topic)
+    ended = inbox.take(0)
+    assert ended.ids == {"a", "b"} and ended.outcomes == {"b": ("succeeded", 2)}
+    assert not ended.unknown
+    inbox.add("*finished")  # a sender that did not say which: look at everything
+    assert inbox.take(0).unknown

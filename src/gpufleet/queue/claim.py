@@ -186,9 +186,9 @@ class WorkerOps(QueueCore):
         refs = {tid: self.blobs.put(encoded[tid]) for tid in big}
         if self.engine.dialect.name == "postgresql":
             with autocommit(self.engine) as conn:  # one statement, one durable commit
-                report = self._complete_batch_pg(conn, now, encoded, refs)
+                report, statuses = self._complete_batch_pg(conn, now, encoded, refs)
             if report.accepted:
-                self._notify_finished_pg(report.accepted)
+                self._notify_finished_pg(report.accepted, _outcomes(statuses, encoded, refs))
             return report
         params: list[dict[str, Any]] = [
             {"b_id": tid, "b_result": None if tid in refs else res, "b_ref": refs.get(tid)}
@@ -212,13 +212,15 @@ class WorkerOps(QueueCore):
             if done:
                 conn.execute(sql.FINISH_WITH_RESULT, done)
         if done:
-            self.notifier.after_commit(finished_topics(p["b_id"] for p in done))
+            statuses = {p["b_id"]: p["b_status"] for p in done}
+            ended = finished_topics(statuses, _outcomes(statuses, encoded, refs))
+            self.notifier.after_commit(ended)
         return Completion(tuple(p["b_id"] for p in done), rejected)
 
     @staticmethod
     def _complete_batch_pg(
         conn: Connection, now: datetime, encoded: dict[str, bytes], refs: dict[str, str]
-    ) -> Completion:
+    ) -> tuple[Completion, dict[str, str]]:
         # The rows as one JSON document, from the results' canonical JSON text as it stands:
         # encoding them a second time cost the worker a tenth of its CPU per task.
         rows = ",".join(
@@ -228,7 +230,8 @@ class WorkerOps(QueueCore):
             for tid, doc in encoded.items()
         )
         params = {"p_now": now, "p_rows": f"[{rows}]"}
-        accepted = set(conn.execute(sql.PG_COMPLETE_BATCH, params).scalars())
+        statuses = {r.id: r.status for r in conn.execute(sql.PG_COMPLETE_BATCH, params)}
+        accepted = set(statuses)
         rest = [tid for tid in encoded if tid not in accepted]
         rejected: dict[str, TaskStatus] = {}
         if rest:  # rare: someone else finished them first, or they do not exist
@@ -237,9 +240,11 @@ class WorkerOps(QueueCore):
                 for r in conn.execute(sql.FINISHED_STATUS, {"p_ids": rest})
             }
             _raise_missing(set(rest) - set(rejected))
-        return Completion(tuple(tid for tid in encoded if tid in accepted), rejected)
+        return Completion(tuple(tid for tid in encoded if tid in accepted), rejected), statuses
 
-    def _notify_finished_pg(self, task_ids: Sequence[str]) -> None:
+    def _notify_finished_pg(
+        self, task_ids: Sequence[str], outcomes: dict[str, tuple[str, bytes | None]]
+    ) -> None:
         """Wake result waiters after the results' commit, in a transaction of its own that does
         not wait for the disk. Inside the durable commit, NOTIFY would serialise every
         worker's completions behind one lock held through each disk flush (PostgreSQL takes it
@@ -247,7 +252,7 @@ class WorkerOps(QueueCore):
         If this process dies in between, waiters find the results at their next poll."""
         try:
             with self._relaxed_tx() as conn:
-                for topic in finished_topics(task_ids):
+                for topic in finished_topics(task_ids, outcomes):
                     conn.exec_driver_sql(
                         "SELECT pg_notify(%(ch)s, %(topic)s)", {"ch": CHANNEL, "topic": topic}
                     )
@@ -352,6 +357,18 @@ class WorkerOps(QueueCore):
                 task_id=task_id,
             )
         return row
+
+
+def _outcomes(
+    statuses: dict[str, str], encoded: dict[str, bytes], refs: dict[str, str]
+) -> dict[str, tuple[str, bytes | None]]:
+    """What the finished wake-ups may carry: each task's status and its result's JSON (none
+    for a cancelled task's dropped result, nor for one in the blob store)."""
+    return {
+        tid: (status, encoded[tid] if status == TaskStatus.SUCCEEDED else None)
+        for tid, status in statuses.items()
+        if tid not in refs
+    }
 
 
 def _raise_missing(missing: set[str]) -> None:

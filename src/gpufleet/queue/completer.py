@@ -57,13 +57,32 @@ class Completer:
         )
         self._thread.start()
 
-    def submit(self, results: Sequence[tuple[str, Any]]) -> Future[Completion]:
+    def submit(
+        self, results: Sequence[tuple[str, Any]], *, inline: bool = False
+    ) -> Future[Completion]:
         """Queue a batch's results for the next commit. Blocks while ``max_pending`` batches
-        wait already (back-pressure on a worker faster than its database)."""
+        wait already (back-pressure on a worker faster than its database).
+
+        ``inline``: when nothing else is pending, commit in the calling thread before
+        returning (a worker with no next batch to run: handing over to the completer's
+        thread would only add a thread switch to its clients' latency)."""
         future: Future[Completion] = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("completer is closed")
+            if inline and not self._pending and not self._busy:
+                self._busy = True
+            else:
+                inline = False
+        if inline:
+            try:
+                self._commit([(list(results), future)])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+            return future
+        with self._cond:
             while len(self._pending) >= self.max_pending:
                 self._cond.wait()
             self._pending.append((list(results), future))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import select
@@ -25,7 +26,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,55 +37,98 @@ CHANNEL = "gpufleet_tasks"
 # The topic of "some task ended" wake-ups, for waiters on results (the API's ``wait``, events).
 # No model can have this name: model names start with a letter or digit.
 FINISHED = "*finished"
-# Ids per "finished" payload: PostgreSQL's NOTIFY payloads stop at 8,000 bytes, a task id is 36
-# characters and a comma.
-IDS_PER_PAYLOAD = 100
 log = logging.getLogger(__name__)
+# A "finished" payload stays under PostgreSQL's NOTIFY limit of 8,000 bytes.
+PAYLOAD_BYTES = 7000
+# A result this small rides on the wake-up itself, so a waiter needs no database read to answer.
+OUTCOME_BYTES = 1024
 
 
-def finished_topics(task_ids: Iterable[str]) -> list[str]:
-    """The wake-ups that say these tasks ended: ``*finished:ID,ID,...`` in chunks."""
-    ids = sorted(set(task_ids))
-    return [
-        f"{FINISHED}:{','.join(ids[i : i + IDS_PER_PAYLOAD])}"
-        for i in range(0, len(ids), IDS_PER_PAYLOAD)
-    ]
+@dataclass
+class Ended:
+    """What ``wait_finished`` hands over: the ids of tasks that ended; for those whose result
+    was small, the outcome itself (status and result, as committed); and
+    ``unknown`` when others may have ended unsaid (a bare wake-up, a reconnected listener)."""
+
+    ids: set[str] = field(default_factory=set)
+    outcomes: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    unknown: bool = False
+
+
+def finished_topics(
+    task_ids: Iterable[str], outcomes: Mapping[str, tuple[str, bytes | None]] | None = None
+) -> list[str]:
+    """The wake-ups that say these tasks ended: ``*finished:ID,ID,...``, then, after a
+    newline, a JSON object of the outcomes given (``{id: [status, result]}``) for results of
+    up to ``OUTCOME_BYTES``, in payloads of at most ``PAYLOAD_BYTES``."""
+    outcomes = outcomes or {}
+    payloads: list[str] = []
+    ids: list[str] = []
+    parts: list[str] = []
+    size = 0
+    for tid in sorted(set(task_ids)):
+        part = ""
+        status, doc = outcomes.get(tid, ("", None))
+        if status and (doc is None or len(doc) <= OUTCOME_BYTES):
+            value = "null" if doc is None else doc.decode()
+            part = f"{json.dumps(tid)}:[{json.dumps(status)},{value}]"
+        if ids and size + len(tid) + len(part) + 2 > PAYLOAD_BYTES:
+            payloads.append(_payload(ids, parts))
+            ids, parts, size = [], [], 0
+        ids.append(tid)
+        if part:
+            parts.append(part)
+        size += len(tid) + len(part) + 2
+    if ids:
+        payloads.append(_payload(ids, parts))
+    return payloads
+
+
+def _payload(ids: list[str], parts: list[str]) -> str:
+    text = f"{FINISHED}:{','.join(ids)}"
+    return text + "\n{" + ",".join(parts) + "}" if parts else text
 
 
 class FinishedInbox:
-    """The ids of tasks that ended, gathered as wake-ups arrive, for ``wait_finished``. A bare
+    """The tasks that ended, gathered as wake-ups arrive, for ``wait_finished``. A bare
     ``FINISHED`` (a sender that did not say which, or a listener that reconnected and may have
     missed some) sets ``unknown``: the taker must look at every task it waits on."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._ids: set[str] = set()
-        self._unknown = False
+        self._ended = Ended()
 
     def add(self, payload: str) -> None:
-        topic, _, ids = payload.partition(":")
+        head, _, tail = payload.partition("\n")
+        topic, _, ids = head.partition(":")
         if topic != FINISHED:
             return
+        outcomes: dict[str, tuple[str, Any]] = {}
+        if tail:
+            try:
+                for tid, (status, result) in json.loads(tail).items():
+                    outcomes[str(tid)] = (str(status), result)
+            except (ValueError, TypeError):  # not ours: the ids still count
+                outcomes = {}
         with self._cond:
             if ids:
-                self._ids.update(ids.split(","))
+                self._ended.ids.update(ids.split(","))
+                self._ended.outcomes.update(outcomes)
             else:
-                self._unknown = True
+                self._ended.unknown = True
             self._cond.notify_all()
 
     def mark_unknown(self) -> None:
         with self._cond:
-            self._unknown = True
+            self._ended.unknown = True
             self._cond.notify_all()
 
-    def take(self, timeout: float) -> tuple[set[str], bool]:
-        """(ids that ended, whether others may have ended unsaid) since the last take; waits
-        up to ``timeout`` for the first."""
+    def take(self, timeout: float) -> Ended:
+        """What ended since the last take; waits up to ``timeout`` for the first."""
         with self._cond:
-            self._cond.wait_for(lambda: self._ids or self._unknown, timeout)
-            ids, unknown = self._ids, self._unknown
-            self._ids, self._unknown = set(), False
-        return ids, unknown
+            self._cond.wait_for(lambda: self._ended.ids or self._ended.unknown, timeout)
+            ended, self._ended = self._ended, Ended()
+        return ended
 
 
 class Notifier(Protocol):
@@ -96,9 +141,9 @@ class Notifier(Protocol):
     def wait(self, model: str, timeout: float) -> bool:
         """Block until work for ``model`` may be there, or ``timeout`` seconds; True if woken."""
 
-    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
-        """Ids of tasks that ended since the last call (waiting up to ``timeout`` for one), and
-        whether others may have ended unsaid. The first call subscribes, and says ``True``."""
+    def wait_finished(self, timeout: float) -> Ended:
+        """What ended since the last call (waiting up to ``timeout`` for something). The
+        first call subscribes, and says ``unknown``."""
 
     def close(self) -> None: ...
 
@@ -195,7 +240,7 @@ class PostgresNotifier:
         # Once per process: until LISTEN is in place a submit's wake-up would be lost.
         self._listening.wait(5.0)
 
-    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
+    def wait_finished(self, timeout: float) -> Ended:
         if self._inbox is None:
             with self._cond:
                 first = self._inbox is None
@@ -203,7 +248,7 @@ class PostgresNotifier:
                     self._inbox = FinishedInbox()
             if first:
                 self._start()
-                return set(), True
+                return Ended(unknown=True)
         assert self._inbox is not None
         return self._inbox.take(timeout)
 
@@ -309,7 +354,7 @@ class SocketNotifier:
             self._socks.append(sock)
         return sock, True
 
-    def wait_finished(self, timeout: float) -> tuple[set[str], bool]:
+    def wait_finished(self, timeout: float) -> Ended:
         """Finished ids are gathered by a thread of their own that does nothing but drain its
         socket: a Unix datagram socket holds only ``net.unix.max_dgram_qlen`` datagrams (10 by
         default) and senders drop what does not fit, so a waiter that also reads the database
@@ -326,7 +371,7 @@ class SocketNotifier:
                     ).start()  # fmt: skip
             if first:
                 ready.wait(5.0)
-                return set(), True
+                return Ended(unknown=True)
         assert self._inbox is not None
         return self._inbox.take(timeout)
 

@@ -216,9 +216,9 @@ PG_COMPLETE_BATCH = sa.text(
     FROM v
     WHERE tasks.id = v.id AND tasks.status IN ('queued', 'running')
       AND NOT EXISTS (SELECT 1 FROM v LEFT JOIN tasks t2 ON t2.id = v.id WHERE t2.id IS NULL)
-    RETURNING tasks.id
+    RETURNING tasks.id, tasks.status
     )
-    SELECT done.id FROM done
+    SELECT done.id, done.status FROM done
     """
 ).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
 

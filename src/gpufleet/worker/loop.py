@@ -144,7 +144,7 @@ class Worker:
             deep = False
             while not stop.is_set() and self.context_lost is None:
                 if results is not None and not deep:
-                    self._hand_on(results)
+                    self._hand_on(results, inline=True)
                     results = None
                 try:
                     batch = self._gather(stop)
@@ -225,11 +225,12 @@ class Worker:
                 done.append((task.id, out))
         return (live, done) if done else None
 
-    def _hand_on(self, results: _Results) -> None:
-        """Results to the completer, which commits them in the background."""
+    def _hand_on(self, results: _Results, *, inline: bool = False) -> None:
+        """Results to the completer, which commits them in the background (``inline``: here
+        and now, when it has nothing else pending)."""
         live, done = results
         assert self._completer is not None
-        future = self._completer.submit(done)
+        future = self._completer.submit(done, inline=inline)
         future.add_done_callback(lambda f: self._completed(live, done, f))
 
     def _predict(self, batch: list[Task]) -> list[Any]:
