@@ -7,6 +7,8 @@ upgrade time whatever the busy timeout, while an immediate one waits its turn up
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -80,10 +82,13 @@ def _sqlite_engine(url: sa.URL, *, echo: bool) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        if mode == "IMMEDIATE":
-            _begin_immediate(conn.connection.dbapi_connection)  # type: ignore[arg-type]
+        raw: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
+        if mode == "IMMEDIATE" and not conn.get_execution_options().get("sqlite_turn"):
+            _begin_immediate(raw)
         else:
-            conn.exec_driver_sql(f"BEGIN {mode}")
+            # A writer holding its turn (_WriterTurn) waits only for writers that are not
+            # gpufleet's, which SQLite's busy handler is good enough for.
+            raw.execute(f"BEGIN {mode}")
 
     return engine
 
@@ -131,23 +136,70 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
-_write_locks: dict[str, threading.Lock] = {}  # by database file: engines on one file share
-_engine_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+class _WriterTurn:
+    """One writer at a time among this host's gpufleet processes on one SQLite file, handed on
+    at once: a thread lock within the process, then ``flock`` on a file beside the database.
+
+    SQLite makes a writer that finds the database locked poll (its busy handler sleeps up to
+    100 ms; ``_begin_immediate`` polls every 0.5-2 ms), so with several API processes and a
+    worker the write lock sat free between polls while everyone slept: the no-op model's
+    ceiling on the H200 was about 2,000 tasks/s with the worker a third busy. A waiter blocked
+    in ``flock`` is woken by the kernel the moment the holder lets go. A holder that dies
+    releases it; BEGIN IMMEDIATE still guards against writers that are not gpufleet's."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.parent / f".{database.name}.writer"
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _lock_fd(self) -> int | None:
+        if self._pid != os.getpid():  # after a fork: our own open file, not the parent's
+            self._fd, self._pid = None, os.getpid()
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:  # a read-only directory: SQLite's own locking alone
+                self._fd = None
+        return self._fd
+
+    def __enter__(self) -> bool:
+        """Whether this process now holds the host-wide turn (not only the thread lock)."""
+        self._thread_lock.acquire()
+        try:
+            fd = self._lock_fd()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd is not None
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None and self._pid == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+_write_locks: dict[str, _WriterTurn] = {}  # by database file: engines on one file share
+_engine_locks: weakref.WeakKeyDictionary[Engine, _WriterTurn] = weakref.WeakKeyDictionary()
 _write_locks_guard = threading.Lock()
 
 
-def _sqlite_write_lock(engine: Engine) -> AbstractContextManager[object]:
-    """SQLite: one writer per process at a time, queued on a lock. SQLite itself makes a
-    blocked writer poll with sleeps of up to 100 ms (its busy handler), so 30 API threads
-    contending for the write lock ran at 57 submits/s; queued here, each is handed the turn
-    at once, and only processes (API, workers) contend in SQLite."""
+def _sqlite_write_lock(engine: Engine) -> AbstractContextManager[bool | None]:
+    """SQLite: one writer at a time, queued (``_WriterTurn``), so only the turn is waited for
+    and SQLite's busy handler almost never runs."""
     if engine.dialect.name != "sqlite":
         return nullcontext()
     lock = _engine_locks.get(engine)  # resolved once per engine: this is every write's path
     if lock is None:
-        key = str(Path(engine.url.database or "").expanduser().resolve())
+        path = Path(engine.url.database or "").expanduser().resolve()
         with _write_locks_guard:
-            lock = _engine_locks[engine] = _write_locks.setdefault(key, threading.Lock())
+            lock = _write_locks.get(str(path))
+            if lock is None:
+                lock = _write_locks[str(path)] = _WriterTurn(path)
+            _engine_locks[engine] = lock
     return lock
 
 
@@ -161,14 +213,14 @@ def write_tx(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     database crashes. Only for writes whose loss is harmless (claims, heartbeats).
     """
     lock = _sqlite_write_lock(engine)
-    with lock, translate_db_errors(), engine.connect() as conn:
+    with lock as turn, translate_db_errors(), engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
         # Straight to the driver: through SQLAlchemy the PRAGMA would begin a transaction.
         raw = conn.connection.dbapi_connection if sqlite and not durable else None
         if raw is not None:
             raw.execute("PRAGMA synchronous=NORMAL")
         try:
-            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE", sqlite_turn=bool(turn))
             with conn.begin():
                 if not durable and not sqlite:
                     conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
