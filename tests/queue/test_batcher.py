@@ -12,19 +12,20 @@ import pytest
 from gpufleet.errors import IdempotencyConflict, InvalidInput
 from gpufleet.queue import Submission, TaskQueue, TaskSpec, TaskStatus
 from gpufleet.queue.batcher import SubmitBatcher
+from gpufleet.queue.validation import PreparedTask
 
 
 def test_concurrent_submits_share_commits_and_each_gets_its_task(queue: TaskQueue) -> None:
     sizes: list[int] = []
-    real = queue.submit_many
+    real = queue.submit_prepared
     gate = threading.Event()
 
-    def spy(specs: Sequence[TaskSpec]) -> list[Submission]:
+    def spy(specs: Sequence[PreparedTask]) -> list[Submission]:
         sizes.append(len(specs))
         gate.wait(10)  # the first commit is slow: the others queue up behind it
         return real(specs)
 
-    queue.submit_many = spy  # type: ignore[method-assign]
+    queue.submit_prepared = spy  # type: ignore[method-assign]
     batcher = SubmitBatcher(queue)
     out: dict[int, Any] = {}
 
@@ -91,11 +92,11 @@ def test_an_outage_fails_the_whole_group_at_once(queue: TaskQueue) -> None:
 
     calls: list[int] = []
 
-    def down(specs: Sequence[TaskSpec]) -> list[Submission]:
+    def down(specs: Sequence[PreparedTask]) -> list[Submission]:
         calls.append(len(specs))
         raise Unavailable("the task database is unavailable: test outage")
 
-    queue.submit_many = down  # type: ignore[method-assign]
+    queue.submit_prepared = down  # type: ignore[method-assign]
     batcher = SubmitBatcher(queue)
     errors: list[BaseException] = []
 

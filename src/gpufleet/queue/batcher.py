@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 from gpufleet.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from gpufleet.queue.tasks import Submission, TaskSpec
+from gpufleet.queue.validation import PreparedTask
+from gpufleet.store.engine import write_turn
 
 if TYPE_CHECKING:
     from gpufleet.queue.submission import SubmissionOps
 
-_Item = tuple[TaskSpec, "Future[Submission]"]
+_Item = tuple[PreparedTask, "Future[Submission]"]
 
 
 class SubmitBatcher:
@@ -45,12 +47,14 @@ class SubmitBatcher:
 
     def submit_future(self, spec: TaskSpec) -> Future[Submission]:
         """Submit; the future resolves once the task is durable (for callers on an event loop,
-        which must not block on the commit)."""
+        which must not block on the commit). A spec that fails its checks raises here, in the
+        caller, and never joins a group."""
+        prepared = self.queue.prepare(spec)
         future: Future[Submission] = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("submit batcher is closed")
-            self._pending.append((spec, future))
+            self._pending.append((prepared, future))
             self._cond.notify()
         return future
 
@@ -67,14 +71,18 @@ class SubmitBatcher:
                     self._cond.wait()
                 if not self._pending:
                     return
-                group = [
-                    self._pending.popleft() for _ in range(min(self.max_group, len(self._pending)))
-                ]
-            self._commit(group)
+            # The writer's turn first, then the group: with other processes writing, what
+            # arrived while this one waited for its turn goes in the same commit, so groups
+            # grow with contention instead of each waiting its turn.
+            with write_turn(self.queue.engine):
+                with self._cond:
+                    n = min(self.max_group, len(self._pending))
+                    group = [self._pending.popleft() for _ in range(n)]
+                self._commit(group)
 
     def _commit(self, group: list[_Item]) -> None:
         try:
-            results = self.queue.submit_many([spec for spec, _ in group])
+            results = self.queue.submit_prepared([p for p, _ in group])
         except (InvalidInput, Conflict, NotFound, QuotaExceeded) as e:
             if len(group) == 1:
                 group[0][1].set_exception(e)

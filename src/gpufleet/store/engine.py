@@ -152,6 +152,8 @@ class _WriterTurn:
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
         self._pid = 0
+        self._owner: int | None = None  # the thread holding the turn (it may nest)
+        self._depth = 0
 
     def _lock_fd(self) -> int | None:
         if self._pid != os.getpid():  # after a fork: our own open file, not the parent's
@@ -164,17 +166,26 @@ class _WriterTurn:
 
     def __enter__(self) -> bool:
         """Whether this process now holds the host-wide turn (not only the thread lock)."""
+        me = threading.get_ident()
+        if self._owner == me:  # already ours (write_turn around write_tx)
+            self._depth += 1
+            return self._fd is not None
         self._thread_lock.acquire()
         try:
             fd = self._lock_fd()
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            return fd is not None
         except BaseException:
             self._thread_lock.release()
             raise
+        self._owner, self._depth = me, 1
+        return fd is not None
 
     def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
+        self._owner = None
         try:
             if self._fd is not None and self._pid == os.getpid():
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -201,6 +212,13 @@ def _sqlite_write_lock(engine: Engine) -> AbstractContextManager[bool | None]:
                 lock = _write_locks[str(path)] = _WriterTurn(path)
             _engine_locks[engine] = lock
     return lock
+
+
+def write_turn(engine: Engine) -> AbstractContextManager[bool | None]:
+    """Hold the writer's turn across several steps (SQLite; nothing on PostgreSQL). A group
+    commit takes the turn first and only then gathers what is waiting, so the longer it waited
+    for the turn, the more its one commit carries (see ``queue.batcher``)."""
+    return _sqlite_write_lock(engine)
 
 
 @contextmanager
