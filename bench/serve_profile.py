@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as serve_bench: numpy models on CPU
     spy = shutil.which("py-spy")
     if spy is None:
         sys.exit("py-spy not found (pip install py-spy)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,7 @@ from gpufleet.queue import sql
 from gpufleet.queue.core import QueueCore, webhook_due
 from gpufleet.queue.ids import new_task_id
 from gpufleet.queue.notify import finished_topics
-from gpufleet.queue.tasks import Submission, Task, TaskPage, TaskSpec, TaskStatus
+from gpufleet.queue.tasks import Submission, Task, TaskError, TaskPage, TaskSpec, TaskStatus
 from gpufleet.queue.validation import PreparedTask, check_int, check_name, check_status, prepare
 from gpufleet.store.engine import read_tx, write_tx
 from gpufleet.store.schema import tasks
@@ -180,6 +181,39 @@ class SubmissionOps(QueueCore):
         with read_tx(self.engine) as conn:
             rows = conn.execute(sa.select(tasks).where(t.id.in_(ids))).mappings().all()
         return {r["id"]: Task.from_row(r) for r in rows}
+
+    def outcomes(self, tasks_read: Sequence[Task]) -> dict[str, Task]:
+        """Each of ``tasks_read`` with its state and outcome as they stand now (status, result,
+        error, attempts, times), its other fields as given: for waiters on outcomes, without
+        reading inputs back."""
+        by_id = {t.id: t for t in tasks_read}
+        if not by_id:
+            return {}
+        query = sa.select(
+            t.id, t.status, t.cancel_requested, t.attempts, t.result, t.result_ref,
+            t.error_code, t.error_message, t.started_at, t.finished_at,
+        ).where(t.id.in_(sorted(by_id)))  # fmt: skip
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(query).mappings().all()
+        out = {}
+        for r in rows:
+            error = None
+            if r["error_code"] is not None:
+                error = TaskError(r["error_code"], r["error_message"] or "")
+            out[r["id"]] = dataclasses.replace(
+                by_id[r["id"]],
+                status=TaskStatus(r["status"]),
+                cancel_requested=bool(r["cancel_requested"]),
+                attempts=r["attempts"],
+                result=r["result"],
+                result_ref=r["result_ref"],
+                error=error,
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        return out
 
     def task_states(self, task_ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
         """(status, cancel_requested) of the tasks that exist among ``task_ids``: what a

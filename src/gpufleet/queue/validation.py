@@ -145,10 +145,11 @@ def check_error(error: object) -> TaskError:
     return TaskError(code[:64], str(error.message)[:10_000])
 
 
-def encode_json(value: Any, field: str) -> bytes:
-    """Canonical JSON (sorted keys, no NaN): the same value always gives the same bytes."""
+def encode_json(value: Any, field: str, *, canonical: bool = True) -> bytes:
+    """Compact JSON without NaN; ``canonical``: with sorted keys, so the same value always
+    gives the same bytes."""
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(value, sort_keys=canonical, separators=(",", ":"), allow_nan=False)
     except ValueError:
         raise InvalidInput(
             f"{field} contains nan or inf, which JSON cannot represent; send null or a string",

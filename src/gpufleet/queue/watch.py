@@ -125,7 +125,8 @@ class TaskWatcher:
         while not self._stop.is_set():
             try:
                 ended = self.queue.notifier.wait_finished(self.poll_s)
-                wanted: list[str] = []
+                wanted: list[str] = []  # some waiter needs the whole task
+                outcome_only: list[Task] = []  # only the outcome: no input read back
                 with self._lock:
                     for tid in ended.ids:
                         self._recent[tid] = ended.outcomes.get(tid)
@@ -136,12 +137,16 @@ class TaskWatcher:
                         if not waiters:
                             continue
                         outcome = ended.outcomes.get(tid)
-                        if outcome is None or any(full for _, _, full in waiters):
+                        if any(full for _, _, full in waiters):
                             wanted.append(tid)
+                        elif outcome is None:  # a large result: read it, not the input
+                            outcome_only.append(self._base[tid])
                         else:  # answered from the wake-up: no read
                             self._deliver_locked([_ended(self._base[tid], outcome)])
                 if wanted:
                     self._deliver(self.queue.get_many(wanted).values())
+                if outcome_only:
+                    self._deliver(self.queue.outcomes(outcome_only).values())
                 if ended.unknown or time.monotonic() - last_look >= self.poll_s:
                     last_look = time.monotonic()
                     self._look()
