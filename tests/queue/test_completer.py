@@ -150,3 +150,31 @@ def test_close_commits_what_is_pending_and_refuses_more(queue: TaskQueue) -> Non
     assert all(queue.get(tid).status == TaskStatus.SUCCEEDED for tid in ids)
     with pytest.raises(RuntimeError, match="closed"):
         completer.submit([(ids[0], None)])
+
+
+def test_an_inline_submit_commits_in_the_callers_thread(queue: TaskQueue) -> None:
+    """An idle worker's results: committed before submit returns, by the caller itself."""
+    [tid] = _claimed(queue, 1)
+    threads: list[str] = []
+    spy = Spy(queue)
+    real = spy.real
+    spy.real = lambda w, r: (threads.append(threading.current_thread().name), real(w, r))[1]
+    with Completer(queue, "w") as completer:
+        future = completer.submit([(tid, "r")], inline=True)
+        assert future.done() and future.result().accepted == (tid,)
+    assert threads == [threading.current_thread().name]
+    assert queue.get(tid).status == TaskStatus.SUCCEEDED
+
+
+def test_an_inline_submit_queues_behind_pending_batches(queue: TaskQueue) -> None:
+    """Order is kept: with a batch still being committed, an inline submit waits its turn
+    in the background like any other."""
+    first, second = _claimed(queue, 2)
+    spy = Spy(queue, hold_first=True)
+    with Completer(queue, "w") as completer:
+        f1 = completer.submit([(first, 1)])
+        assert spy.entered.wait(5)
+        f2 = completer.submit([(second, 2)], inline=True)
+        assert not f2.done()
+        spy.release.set()
+        assert f1.result(10).accepted == (first,) and f2.result(10).accepted == (second,)

@@ -145,6 +145,9 @@ class Notifier(Protocol):
         """What ended since the last call (waiting up to ``timeout`` for something). The
         first call subscribes, and says ``unknown``."""
 
+    def interrupt_finished(self) -> None:
+        """Make a ``wait_finished`` in progress return now (its waiter is stopping)."""
+
     def close(self) -> None: ...
 
 
@@ -251,6 +254,10 @@ class PostgresNotifier:
                 return Ended(unknown=True)
         assert self._inbox is not None
         return self._inbox.take(timeout)
+
+    def interrupt_finished(self) -> None:
+        if self._inbox is not None:
+            self._inbox.mark_unknown()
 
     def wait(self, model: str, timeout: float) -> bool:
         self._start()
@@ -374,6 +381,10 @@ class SocketNotifier:
                 return Ended(unknown=True)
         assert self._inbox is not None
         return self._inbox.take(timeout)
+
+    def interrupt_finished(self) -> None:
+        if self._inbox is not None:
+            self._inbox.mark_unknown()
 
     def _drain_finished(self, ready: threading.Event) -> None:
         assert self._inbox is not None

@@ -58,6 +58,7 @@ class TaskWatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self.queue.notifier.interrupt_finished()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -125,6 +126,8 @@ class TaskWatcher:
         while not self._stop.is_set():
             try:
                 ended = self.queue.notifier.wait_finished(self.poll_s)
+                if self._stop.is_set():
+                    return
                 wanted: list[str] = []  # some waiter needs the whole task
                 outcome_only: list[Task] = []  # only the outcome: no input read back
                 with self._lock:
