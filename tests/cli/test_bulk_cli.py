@@ -52,7 +52,11 @@ def test_submit_file_reports_refused_tasks_and_exits_1(cli: Any, tmp_path: Path)
     assert "Traceback" not in r.stdout + r.stderr
 
 
-def test_submit_file_no_wait_only_submits(cli: Any, live_api: LiveApi, tmp_path: Path) -> None:
+def test_submit_file_no_wait_only_submits(
+    cli: Any,
+    live_api: LiveApi,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     rows = [{"model": "idle", "input": {"text": str(i)}, "lane": "batch"} for i in range(3)]
     r = cli("submit", "--file", str(_jsonl(tmp_path / "t.jsonl", rows)), "--no-wait", "--json")
     assert r.exit_code == 0, r.stderr

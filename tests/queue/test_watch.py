@@ -92,7 +92,7 @@ def test_a_missing_wake_up_is_caught_by_the_safety_look(queue: TaskQueue) -> Non
                         error_code="x",
                         error_message="y",
                         finished_at=queue.clock(),
-                    )  # fmt: skip
+                    )
                 )
             return await waiting
 
