@@ -195,8 +195,12 @@ class WorkerOps(QueueCore):
                 self._notify_finished_pg(report.accepted, _outcomes(statuses, encoded, refs))
             return report
         params: list[dict[str, Any]] = [
-            {"b_id": tid, "b_result": None if tid in refs else res, "b_ref": refs.get(tid)}
-            for tid, res in results
+            {
+                "b_id": tid,
+                "b_result": None if tid in refs else encoded[tid].decode(),
+                "b_ref": refs.get(tid),
+            }
+            for tid, _ in results
         ]
         with write_tx(self.engine) as conn:
             found = {r.id: r for r in conn.execute(sql.LOCK_FOR_FINISH, {"p_ids": list(encoded)})}

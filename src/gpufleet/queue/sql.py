@@ -129,13 +129,15 @@ LOCK_FOR_FINISH = (
 # The whole row of one task, locked: fail / acknowledge_cancel check it, then change it.
 LOCK_TASK = sa.select(tasks).where(t.id == sa.bindparam("p_id")).with_for_update()
 
-# Record results of a batch: executed once per row with executemany (one round trip on psycopg).
+# Record results of a batch (SQLite; PostgreSQL has PG_COMPLETE_BATCH): executed once per row
+# with executemany. The result is bound as the JSON text the worker encoded already (SQLite
+# keeps JSON as text): through the column's JSON type every result was encoded a second time.
 FINISH_WITH_RESULT = (
     sa.update(tasks)
     .where(t.id == sa.bindparam("b_id"))
     .values(
         status=sa.bindparam("b_status"),
-        result=sa.bindparam("b_result"),
+        result=sa.bindparam("b_result", type_=sa.Text()),
         result_ref=sa.bindparam("b_ref"),
         finished_at=_now,
         webhook_next_at=sa.case((t.webhook_state == "pending", _now), else_=t.webhook_next_at),
