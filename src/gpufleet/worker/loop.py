@@ -136,10 +136,12 @@ class Worker:
         self._completer = Completer(self.queue, cfg.worker_id)
         try:
             # While work is deep (the last claim came back full) the next batch is claimed
-            # before the last one's results are handed on: a claim made while the results'
-            # durable commit holds SQLite's write lock waited for that disk flush, at every
-            # batch. Otherwise the results go first: their clients are waiting, and the claim
-            # most likely finds little.
+            # before the last one's results are committed, so it is in hand the moment they
+            # are; otherwise the results go first: their clients are waiting, and the claim
+            # most likely finds little. Either way this thread commits them itself, before
+            # the next predict: on the completer's thread the commit waited for the GIL at
+            # every step while predict launched kernels (up to 5 ms a switch), and the
+            # results' clients, whose next requests make the next batch, waited with it.
             results: _Results | None = None
             deep = False
             while not stop.is_set() and self.context_lost is None:
@@ -154,7 +156,7 @@ class Worker:
                     stop.wait(1.0)
                 deep = len(batch) >= self.max_batch
                 if results is not None:
-                    self._hand_on(results)
+                    self._hand_on(results, inline=True)
                     results = None
                 if batch:
                     results = self._run_batch(batch)
