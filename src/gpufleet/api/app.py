@@ -29,7 +29,6 @@ from gpufleet import __version__
 from gpufleet.api.auth import Principal, authenticator
 from gpufleet.api.errors import BodySizeLimit, install_error_handlers
 from gpufleet.api.schemas import (
-    BulkItem,
     BulkSubmitRequest,
     BulkSubmitted,
     ErrorBody,
@@ -182,10 +181,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
         response.headers["Location"] = f"/v1/tasks/{out.id}"
         return out
 
-    @app.post("/v1/tasks/batch", status_code=200, response_model=BulkSubmitted, tags=["tasks"])
-    async def submit_tasks(body: BulkSubmitRequest, caller: Caller) -> BulkSubmitted:
+    @app.post(
+        "/v1/tasks/batch",
+        status_code=200,
+        response_model=BulkSubmitted,
+        tags=["tasks"],
+        openapi_extra=_json_body(BulkSubmitRequest),
+    )
+    async def submit_tasks(request: Request, caller: Caller) -> Any:
         """Queue up to 1,000 tasks in one durable commit. One entry per task, in order: its
         id, or the error that refused it alone (the others are still accepted)."""
+        # Parsed from the bytes by pydantic-core and answered as plain JSON: validating 1,000
+        # items in Python on the way in and again on the way out was most of the route's CPU.
+        body = await _parse_body(request, BulkSubmitRequest)
         specs: list[TaskSpec | GpufleetError] = []
         for item in body.tasks:
             try:
@@ -194,16 +202,20 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 specs.append(e)
         good = [s for s in specs if isinstance(s, TaskSpec)]
         outcomes = iter(await service.submit_many(good) if good else [])
-        items: list[BulkItem] = []
+        items: list[dict[str, Any]] = []
+        refused = 0
         for i, s in enumerate(specs):
             out = s if isinstance(s, GpufleetError) else next(outcomes)
             if isinstance(out, GpufleetError):
-                items.append(BulkItem(index=i, error=out.to_dict()))
+                refused += 1
+                items.append({"index": i, "error": out.to_dict()})
                 continue
-            v = submitted(out)
-            items.append(BulkItem(index=i, **v.model_dump()))
-        refused = sum(1 for it in items if it.error is not None)
-        return BulkSubmitted(accepted=len(items) - refused, refused=refused, tasks=items)
+            t = out.task
+            items.append({
+                "index": i, "id": t.id, "status": t.status.value, "model": t.model,
+                "version": t.model_version, "created": out.created, "error": None,
+            })  # fmt: skip
+        return JSONResponse({"accepted": len(items) - refused, "refused": refused, "tasks": items})
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
     def list_tasks(
