@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from their modules, then taken as arguments)
 """``gpufleet submit --file tasks.jsonl`` against the real app on loopback: bulk requests,
 a progress bar until every task ended, results to a file, refusals and bad files."""
 
@@ -8,22 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
-from gpufleet.cli.main import app
 from tests.api.conftest import LiveApi, live_api  # noqa: F401 (the fixture)
-
-runner = CliRunner()
-
-
-@pytest.fixture
-def cli(live_api: LiveApi, tmp_path: Path) -> Any:  # noqa: F811
-    env = {"GPUFLEET_URL": live_api.url, "GPUFLEET_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(app, list(args), env=env)
-
-    return invoke
+from tests.cli.test_tasks_cli import cli  # noqa: F401 (the fixture)
 
 
 def _jsonl(path: Path, rows: list[Any]) -> Path:
@@ -54,7 +42,7 @@ def test_submit_file_reports_refused_tasks_and_exits_1(cli: Any, tmp_path: Path)
 
 def test_submit_file_no_wait_only_submits(
     cli: Any,
-    live_api: LiveApi,  # noqa: F811
+    live_api: LiveApi,
     tmp_path: Path,
 ) -> None:
     rows = [{"model": "idle", "input": {"text": str(i)}, "lane": "batch"} for i in range(3)]
