@@ -236,6 +236,9 @@ def serve(
     for line in lines:
         console.print(line, soft_wrap=True, highlight=False)
     console.rule()
+    # The banner holds the admin key, shown once: out now, also when stdout is a file or a
+    # pipe (block-buffered), before serving starts.
+    console.file.flush()
     allocations = run_dir / "allocations.json"
     with reported_errors():
         plan.start_mps()
