@@ -247,22 +247,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return TaskView.of(queue.get(task_id, tenant=visible(caller)))
 
     @app.get("/v1/tasks/{task_id}/result", response_model=ResultView, tags=["tasks"])
-    def get_result(task_id: str, caller: Caller) -> ResultView:
+    async def get_result(task_id: str, caller: Caller) -> ResultView:
         """The result of a succeeded task. 409 ``task_not_finished`` while it is queued or
         running; a failed or cancelled task's error otherwise."""
-        t = queue.get(task_id, tenant=visible(caller))
+        t = await service.get(task_id, visible(caller))
         if not t.is_finished:
             raise TaskNotFinished(
                 f"task {t.id} is {t.status.value}; its result is not ready yet",
                 status=t.status.value,
             )
-        error = None
-        if t.error is not None and t.status != TaskStatus.SUCCEEDED:
-            error = {"code": t.error.code, "message": t.error.message}
-        result = queue.load_result(t) if t.status == TaskStatus.SUCCEEDED else None
-        return ResultView.model_validate(
-            {"id": t.id, "status": t.status.value, "result": result, "error": error}
-        )
+        return ResultView.model_validate(await result_body(t))
 
     @app.delete("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
     def cancel_task(task_id: str, caller: Caller) -> TaskView:

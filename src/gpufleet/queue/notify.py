@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,34 @@ class FinishedInbox:
         return ended
 
 
+class _FinishedWaits(ABC):
+    """``wait_finished`` and ``interrupt_finished`` over a ``FinishedInbox`` that the notifier's
+    own listener fills; ``_listen_finished`` starts that listener, once, on the first call."""
+
+    _inbox: FinishedInbox | None
+    _inbox_lock: threading.Lock
+
+    @abstractmethod
+    def _listen_finished(self) -> None:
+        """Start the thread that fills ``_inbox``; return once it listens."""
+
+    def wait_finished(self, timeout: float) -> Ended:
+        if self._inbox is None:
+            with self._inbox_lock:
+                first = self._inbox is None
+                if first:
+                    self._inbox = FinishedInbox()
+            if first:
+                self._listen_finished()
+                return Ended(unknown=True)
+        assert self._inbox is not None
+        return self._inbox.take(timeout)
+
+    def interrupt_finished(self) -> None:
+        if self._inbox is not None:
+            self._inbox.mark_unknown()
+
+
 class Notifier(Protocol):
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
         """Called inside the write transaction that made work available."""
@@ -159,7 +188,7 @@ def notifier_for(engine: Engine) -> Notifier:
     return SocketNotifier(Path(database))
 
 
-class PostgresNotifier:
+class PostgresNotifier(_FinishedWaits):
     """One LISTEN connection per process, read by a background thread that counts wake-ups per
     model; waiting threads block on a condition. A single reader matters: a LISTEN connection
     nobody reads stops PostgreSQL from trimming its notification queue, and a full queue makes
@@ -175,7 +204,8 @@ class PostgresNotifier:
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._conn: Any = None
-        self._inbox: FinishedInbox | None = None
+        self._inbox = None
+        self._inbox_lock = threading.Lock()
 
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
         for model in sorted(set(models)):
@@ -243,21 +273,8 @@ class PostgresNotifier:
         # Once per process: until LISTEN is in place a submit's wake-up would be lost.
         self._listening.wait(5.0)
 
-    def wait_finished(self, timeout: float) -> Ended:
-        if self._inbox is None:
-            with self._cond:
-                first = self._inbox is None
-                if first:
-                    self._inbox = FinishedInbox()
-            if first:
-                self._start()
-                return Ended(unknown=True)
-        assert self._inbox is not None
-        return self._inbox.take(timeout)
-
-    def interrupt_finished(self) -> None:
-        if self._inbox is not None:
-            self._inbox.mark_unknown()
+    def _listen_finished(self) -> None:
+        self._start()
 
     def wait(self, model: str, timeout: float) -> bool:
         self._start()
@@ -294,14 +311,15 @@ def _socket_dir(database: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-wake-{key}"
 
 
-class SocketNotifier:
+class SocketNotifier(_FinishedWaits):
     def __init__(self, database: Path) -> None:
         self.dir = _socket_dir(database)
         self._local = threading.local()
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._sender: socket.socket | None = None
-        self._inbox: FinishedInbox | None = None
+        self._inbox = None
+        self._inbox_lock = threading.Lock()
         self._closed = threading.Event()
 
     def in_transaction(self, conn: Connection, models: Iterable[str]) -> None:
@@ -361,30 +379,16 @@ class SocketNotifier:
             self._socks.append(sock)
         return sock, True
 
-    def wait_finished(self, timeout: float) -> Ended:
+    def _listen_finished(self) -> None:
         """Finished ids are gathered by a thread of their own that does nothing but drain its
         socket: a Unix datagram socket holds only ``net.unix.max_dgram_qlen`` datagrams (10 by
         default) and senders drop what does not fit, so a waiter that also reads the database
         between waits would lose wake-ups under load."""
-        if self._inbox is None:
-            with self._lock:
-                first = self._inbox is None
-                if first:
-                    self._inbox = FinishedInbox()
-                    ready = threading.Event()
-                    threading.Thread(
-                        target=self._drain_finished, args=(ready,), name="finished-inbox",
-                        daemon=True,
-                    ).start()  # fmt: skip
-            if first:
-                ready.wait(5.0)
-                return Ended(unknown=True)
-        assert self._inbox is not None
-        return self._inbox.take(timeout)
-
-    def interrupt_finished(self) -> None:
-        if self._inbox is not None:
-            self._inbox.mark_unknown()
+        ready = threading.Event()
+        threading.Thread(
+            target=self._drain_finished, args=(ready,), name="finished-inbox", daemon=True
+        ).start()
+        ready.wait(5.0)
 
     def _drain_finished(self, ready: threading.Event) -> None:
         assert self._inbox is not None
