@@ -128,6 +128,65 @@ def test_a_lone_task_starts_at_once(q: TaskQueue) -> None:
     assert model.batches == [[1]]
 
 
+class Slow(Doubler):
+    """A Doubler whose every batch takes ``run_s``."""
+
+    def __init__(self, run_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run_s = run_s
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        out = super().predict(inputs)
+        time.sleep(self.run_s)
+        return out
+
+
+def _backlog(q: TaskQueue, n: int) -> list[str]:
+    specs = [TaskSpec("double", "1", 100 + i, lane="batch") for i in range(n)]
+    return [s.task.id for s in q.submit_many(specs)]
+
+
+def _wait_batches(model: Doubler, n: int, timeout: float = 15) -> int:
+    deadline = time.monotonic() + timeout
+    while len(model.batches) < n:
+        assert time.monotonic() < deadline, f"{len(model.batches)} batches, not {n}"
+        time.sleep(0.005)
+    return len(model.batches)
+
+
+def test_under_a_deep_queue_an_interactive_task_makes_the_next_batch(q: TaskQueue) -> None:
+    """While work is deep the next batch is claimed during the run of this one, so the GPU
+    does not wait for the database, but only near its end: an interactive task submitted
+    while a batch-lane backlog runs is in the batch right after the one running."""
+    _backlog(q, 20)
+    model = Slow(1.0, max_batch=2)
+    with Running(q, model):
+        running = _wait_batches(model, 2)  # its run time is known from the first
+        [urgent] = _submit(q, [1])
+        _wait_finished(q, [urgent])
+    assert 1 in model.batches[running]  # the next batch to start after the one running
+    assert all(1 not in b for b in model.batches[:running])
+    assert len(model.batches[running]) == 2  # topped up from the backlog
+
+
+def test_stopping_under_a_deep_queue_gives_back_what_it_claimed_ahead(q: TaskQueue) -> None:
+    ids = _backlog(q, 12)
+    model = Slow(0.3, max_batch=2)
+    running = Running(q, model)
+    with running:
+        _wait_batches(model, 3)  # deep, with the run time known: claims ahead
+        running.stop.set()
+    tasks = q.get_many(ids)
+    ran = {x for b in model.batches for x in b}
+    for t in tasks.values():
+        if t.input in ran:
+            assert t.status == TaskStatus.SUCCEEDED
+        else:
+            assert t.status == TaskStatus.QUEUED and t.lease_owner is None
+            assert t.attempts == 0
+    assert len(ran) < len(ids)
+
+
 def test_an_item_error_fails_that_task_alone(q: TaskQueue) -> None:
     ids = _submit(q, [1, "bad", 3])
     with Running(q, Doubler()):

@@ -5,12 +5,21 @@ alone on an idle server pays the whole window. Here the window is used only whil
 is arriving, which the claims themselves show:
 
 - a claim that came back full runs at once (nothing to wait for);
-- a claim of one task runs at once: nothing else was queued, so the request is alone;
+- a claim of one task runs at once when the worker was idle (its last batch was one task,
+  or ended longer ago than a batch runs plus the window): the request is alone. Right after
+  a batch of several, one task is the first of the next wave (closed-loop clients sending
+  again as their answers arrive): it waits like any partial batch, or the wave would split
+  into a batch of one and a batch of the rest, each paying a whole run;
 - a claim of several, not full, means requests are arriving together: the worker waits up to
   the window for more, unless waiting has stopped paying. Each wait's gain (tasks it added)
   feeds a moving average; while waits gain nothing (closed-loop clients that only send their
   next request after the answer), the worker runs at once and tries a wait again every
   ``PROBE_EVERY`` batches, so it notices when the load grows.
+- a wait never lasts longer than a batch takes to run (a moving average of ``predict``'s
+  time): tasks that arrive after the batch started would be finished by a second batch as
+  early as a longer wait would let the first one finish, and the tasks in hand would have
+  waited for nothing. So a model faster than the platform (a few milliseconds or less) runs
+  at once, and a window as long as a 30 ms model's only while arrivals keep filling it.
 
 Under load the batches fill anyway: the tasks that arrive while a batch runs are claimed
 together by the next claim.
@@ -18,7 +27,10 @@ together by the next claim.
 
 from __future__ import annotations
 
+import time
+
 PROBE_EVERY = 16
+MIN_WAIT_S = 0.0002  # shorter than a claim's round trip: not worth a wait
 _ALPHA = 0.25  # weight of the latest wait in the moving average
 _PAYS = 0.5  # tasks a wait must add on average to be worth its delay
 
@@ -28,11 +40,24 @@ class BatchWindow:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.gain = 1.0  # moving average of tasks a wait added (optimistic at start)
+        self.run_s: float | None = None  # moving average of a batch's predict time
+        self._last_size = 0  # the last batch's tasks, and when it ended (monotonic)
+        self._last_end = 0.0
         self._skipped = 0
+
+    @property
+    def wait_s(self) -> float:
+        """How long a batch that waits waits at most: the window, or a batch's run time if
+        that is shorter."""
+        if self.run_s is None:
+            return self.max_delay_s
+        return min(self.max_delay_s, self.run_s)
 
     def should_wait(self, claimed: int) -> bool:
         """Whether a batch of ``claimed`` tasks waits for more before it runs."""
-        if self.max_delay_s <= 0 or claimed >= self.max_batch or claimed <= 1:
+        if self.wait_s < MIN_WAIT_S or claimed >= self.max_batch or claimed < 1:
+            return False
+        if claimed == 1 and not self._in_a_wave():
             return False
         if self.gain >= _PAYS:
             return True
@@ -45,3 +70,15 @@ class BatchWindow:
     def waited(self, added: int) -> None:
         """A wait is over: it added ``added`` tasks to the batch."""
         self.gain = (1 - _ALPHA) * self.gain + _ALPHA * added
+
+    def _in_a_wave(self) -> bool:
+        idle_for = time.monotonic() - self._last_end
+        return self._last_size > 1 and idle_for <= (self.run_s or 0.0) + self.max_delay_s
+
+    def ran(self, seconds: float, size: int) -> None:
+        """A batch of ``size`` tasks ran: its ``predict`` took ``seconds``."""
+        self._last_size, self._last_end = size, time.monotonic()
+        if self.run_s is None:
+            self.run_s = seconds
+        else:
+            self.run_s = (1 - _ALPHA) * self.run_s + _ALPHA * seconds

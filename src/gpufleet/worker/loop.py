@@ -22,10 +22,16 @@ Failures stay as small as possible:
   A task on its second attempt or later runs in a batch of its own, so an input that kills the
   context fails alone and its former batch-mates succeed.
 
-Results commit in the background (``Completer``), so the next batch runs while the last one's
-results reach the disk. Heartbeats run on their own thread and report cancel requests and lost
-leases: a task cancelled while queued in this worker's batch is dropped before ``predict``, and
-one cancelled during ``predict`` ends ``cancelled`` when its result arrives.
+Under a deep queue (the last claim came back full) the GPU never waits for the database:
+the next batch is claimed while this one runs, as late as still has it in hand when predict
+ends (so an interactive task that arrives meanwhile makes that batch), and results commit in
+the background (``Completer``). Otherwise a batch's results are committed before the next
+claim, in this thread: its clients are waiting. A wait for more work never lasts longer than
+a batch runs (``worker.batching``), so a model faster than the platform never waits.
+
+Heartbeats run on their own thread and report cancel requests and lost leases: a task
+cancelled while queued in this worker's batch is dropped before ``predict``, and one
+cancelled during ``predict`` ends ``cancelled`` when its result arrives.
 
 Stopping (``stop`` set, e.g. SIGTERM): the worker stops claiming, finishes the batch in hand,
 writes its results and returns. ``release_held`` gives back whatever it still holds when its
@@ -34,11 +40,12 @@ grace period runs out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -106,6 +113,7 @@ class Worker:
         self._cancel: set[str] = set()  # held tasks whose cancellation was requested
         self._lock = threading.Lock()
         self._completer: Completer | None = None
+        self._claim_s: float | None = None  # moving average of a claim's round trip
         # Set when a CUDA failure left the context unusable: the loop ends, the process exits.
         self.context_lost: Finding | None = None
 
@@ -134,31 +142,31 @@ class Worker:
         )
         beats.start()
         self._completer = Completer(self.queue, cfg.worker_id)
+        claims = ThreadPoolExecutor(1, thread_name_prefix="claim-ahead")
+        ahead: Future[list[Task]] | None = None
         try:
-            # While work is deep (the last claim came back full) the next batch is claimed
-            # before the last one's results are committed, so it is in hand the moment they
-            # are; otherwise the results go first: their clients are waiting, and the claim
-            # most likely finds little. Either way this thread commits them itself, before
-            # the next predict: on the completer's thread the commit waited for the GIL at
-            # every step while predict launched kernels (up to 5 ms a switch), and the
-            # results' clients, whose next requests make the next batch, waited with it.
+            # Two paces. While work is deep (the last claim came back full) the GPU comes
+            # first: the next batch is claimed while this one runs (as late as still has it in
+            # hand when predict ends, see _claim_ahead) and the results commit on the
+            # completer's thread, both overlapping predict. Otherwise latency comes first:
+            # this thread commits the results itself, then claims. Their clients' next
+            # requests make the next batch, and on the completer's thread the commit waits for
+            # the GIL at every step while predict launches kernels (up to 5 ms a switch).
             results: _Results | None = None
-            deep = False
             while not stop.is_set() and self.context_lost is None:
-                if results is not None and not deep:
-                    self._hand_on(results, inline=True)
+                if results is not None:
+                    self._hand_on(results, inline=ahead is None)
                     results = None
                 try:
-                    batch = self._gather(stop)
+                    batch = ahead.result() if ahead is not None else self._gather(stop)
                 except GpufleetError as e:  # an outage: keep the model loaded, try again
                     log.warning("claim failed: %s; retrying", e)
                     batch = []
                     stop.wait(1.0)
-                deep = len(batch) >= self.max_batch
-                if results is not None:
-                    self._hand_on(results, inline=True)
-                    results = None
+                ahead = None
                 if batch:
+                    if len(batch) >= self.max_batch and self.window.run_s is not None:
+                        ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
                     results = self._run_batch(batch)
                     continue
                 try:
@@ -169,6 +177,10 @@ class Worker:
             if results is not None:
                 self._hand_on(results)
         finally:
+            if ahead is not None:  # its tasks are held: release_held gives them back
+                with contextlib.suppress(GpufleetError):
+                    ahead.result()
+            claims.shutdown()
             self._completer.close(timeout=self.queue.lease_s)
             beat_stop.set()
             beats.join(5)
@@ -177,18 +189,32 @@ class Worker:
 
     def _claim(self, n: int) -> list[Task]:
         cfg = self.config
+        started = time.monotonic()
         tasks = self.queue.claim(cfg.model, cfg.version, cfg.worker_id, lanes=cfg.lanes, max_n=n)
+        took = time.monotonic() - started
+        self._claim_s = took if self._claim_s is None else 0.75 * self._claim_s + 0.25 * took
         with self._lock:
             for t in tasks:
                 self._held[t.id] = t
         return tasks
+
+    def _claim_ahead(self, started: float, stop: threading.Event) -> list[Task]:
+        """The next batch, claimed while the one that ``started`` runs, as late as still has
+        it in hand when that one ends (by the moving averages of a batch's run and a claim's
+        round trip): a task that arrives meanwhile, an interactive one behind a batch
+        backlog, still makes the next batch rather than the one after."""
+        lead = 2 * (self._claim_s or 0.0)
+        delay = started + (self.window.run_s or 0.0) - lead - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            return []  # stopping: the batch in hand is the last
+        return self._claim(self.max_batch)
 
     def _gather(self, stop: threading.Event) -> list[Task]:
         batch = self._claim(self.max_batch)
         if not self.window.should_wait(len(batch)):
             return batch
         claimed = len(batch)
-        deadline = time.monotonic() + self.max_delay_s
+        deadline = time.monotonic() + self.window.wait_s
         while len(batch) < self.max_batch and not stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -248,6 +274,7 @@ class Worker:
             started = time.perf_counter()
             outputs = self.runner.predict([t.input for t in batch])
             elapsed = time.perf_counter() - started
+            self.window.ran(elapsed, len(batch))
             if not isinstance(outputs, list) or len(outputs) != len(batch):
                 got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
                 raise TypeError(f"predict returned {got} outputs for {len(batch)} inputs")
