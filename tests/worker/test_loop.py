@@ -169,6 +169,23 @@ def test_under_a_deep_queue_an_interactive_task_makes_the_next_batch(q: TaskQueu
     assert len(model.batches[running]) == 2  # topped up from the backlog
 
 
+def test_with_a_slow_model_a_batch_of_several_is_followed_back_to_back(q: TaskQueue) -> None:
+    """When predict is long enough to hide a claim, the next batch is claimed during this
+    one's run even when it is not full: its tasks start before this batch's results commit."""
+    model = Slow(0.5, max_batch=8)
+    with Running(q, model):
+        _wait_finished(q, _submit(q, [1]))  # its run time is known from here on
+        first = _submit(q, [2, 3])
+        _wait_batches(model, 2)
+        second = _submit(q, [4, 5])
+        tasks = _wait_finished(q, first + second)
+    assert model.batches == [[1], [2, 3], [4, 5]]
+    started = [tasks[i].started_at for i in second]
+    finished = [tasks[i].finished_at for i in first]
+    assert None not in started and None not in finished
+    assert max(started) < min(finished)  # type: ignore[type-var]
+
+
 def test_stopping_under_a_deep_queue_gives_back_what_it_claimed_ahead(q: TaskQueue) -> None:
     ids = _backlog(q, 12)
     model = Slow(0.3, max_batch=2)

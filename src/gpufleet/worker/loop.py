@@ -62,6 +62,7 @@ from gpufleet.worker.limits import WorkerLimits
 
 log = logging.getLogger(__name__)
 
+PIPELINE_MIN_S = 0.002  # a predict shorter than two claims and this gains nothing by overlap
 _Results = tuple[list[Task], list[tuple[str, Any]]]  # a batch's tasks, and (id, output) pairs
 
 
@@ -165,7 +166,7 @@ class Worker:
                     stop.wait(1.0)
                 ahead = None
                 if batch:
-                    if len(batch) >= self.max_batch and self.window.run_s is not None:
+                    if self._pipelined(len(batch)):
                         ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
                     results = self._run_batch(batch)
                     continue
@@ -197,6 +198,19 @@ class Worker:
             for t in tasks:
                 self._held[t.id] = t
         return tasks
+
+    def _pipelined(self, n: int) -> bool:
+        """Whether the next batch is claimed while this one of ``n`` tasks runs (and this one's
+        results commit in the background): when work is deep (the claim came back full), or
+        when several tasks came and predict is long enough to hide a claim. Then batches run
+        back to back, each taking what arrived while the last one ran; a lone request's batch
+        is not pipelined, so its results commit at once, in this thread."""
+        run_s = self.window.run_s
+        if run_s is None:  # nothing has run yet: how long this one takes is unknown
+            return False
+        if n >= self.max_batch:
+            return True
+        return n > 1 and run_s > 2 * (self._claim_s or 0.0) + PIPELINE_MIN_S
 
     def _claim_ahead(self, started: float, stop: threading.Event) -> list[Task]:
         """The next batch, claimed while the one that ``started`` runs, as late as still has
