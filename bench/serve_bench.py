@@ -11,9 +11,11 @@ For each model (a no-op model, ``builtin:digits``, ``builtin:tiny-lm``; the slow
 - echo: a bare FastAPI endpoint (``bench/_serve_peers.py``), the floor of any Python HTTP
   server here, which also shows the load generator is not the ceiling.
 
-Then, on the first model: bulk submits (``POST /v1/tasks/batch``, 1,000 a request) of a
-10,000-task batch-lane backlog, and the interactive lane's p95 while that backlog drains
-against its p95 idle.
+Then, on digits (else the first model): bulk submits (``POST /v1/tasks/batch``, 1,000 a
+request) of a 10,000-task batch-lane backlog, and the interactive lane's p95 while that
+backlog drains against its p95 idle. ``bulk_submit_per_s`` is the same bulk submit on the
+no-op model's server when it runs (its worker takes the tasks at no cost, so the figure is
+the submit path's, not a CPU model's competing for the same cores), else the main model's.
 
     python bench/serve_bench.py [--device cpu|cuda] [--models noop,digits,tiny-lm]
         [--clients 1,16,64,256] [--database sqlite|postgres|both] [--quick] [--json PATH]
@@ -209,26 +211,37 @@ def sweep(url: str, body: Any, clients: list[int], seconds: float,
     return out
 
 
-async def bulk_and_backlog(server: Gpufleet, name: str, n: int, samples: int) -> dict[str, float]:
-    """Submit ``n`` batch-lane tasks in bulk requests (2 clients, 1,000 a request), then time
-    interactive requests one at a time while the backlog drains."""
-    headers = {"Authorization": f"Bearer {server.key}"}
+async def bulk_submit(s: aiohttp.ClientSession, server: Gpufleet, name: str, n: int) -> float:
+    """Tasks a second accepted: ``n`` batch-lane tasks in bulk requests (2 clients, 1,000 a
+    request), while the server's worker takes them."""
     task = {"model": SERVED_NAME[name], "input": model_input(name), "lane": "batch"}
+    chunks = [min(1000, n - i) for i in range(0, n, 1000)]
+
+    async def sender(mine: list[int]) -> None:
+        for size in mine:
+            async with s.post(server.url + "/v1/tasks/batch",
+                              json={"tasks": [task] * size}) as r:  # fmt: skip
+                body = await r.json()
+                if r.status != 200 or body["refused"]:
+                    raise RuntimeError(f"bulk submit: {r.status} {str(body)[:300]}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(sender(chunks[0::2]), sender(chunks[1::2]))
+    return n / (time.perf_counter() - t0)
+
+
+async def bulk_only(server: Gpufleet, name: str, n: int) -> float:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.key}"}) as s:
+        return await bulk_submit(s, server, name, n)
+
+
+async def bulk_and_backlog(server: Gpufleet, name: str, n: int, samples: int) -> dict[str, float]:
+    """Submit ``n`` batch-lane tasks in bulk, then time interactive requests one at a time
+    while the backlog drains."""
+    headers = {"Authorization": f"Bearer {server.key}"}
     out: dict[str, float] = {}
     async with aiohttp.ClientSession(headers=headers) as s:
-        chunks = [min(1000, n - i) for i in range(0, n, 1000)]
-
-        async def sender(mine: list[int]) -> None:
-            for size in mine:
-                async with s.post(server.url + "/v1/tasks/batch",
-                                  json={"tasks": [task] * size}) as r:  # fmt: skip
-                    body = await r.json()
-                    if r.status != 200 or body["refused"]:
-                        raise RuntimeError(f"bulk submit: {r.status} {str(body)[:300]}")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(sender(chunks[0::2]), sender(chunks[1::2]))
-        out["bulk_submit_per_s"] = n / (time.perf_counter() - t0)
+        out["bulk_submit_per_s"] = await bulk_submit(s, server, name, n)
         out["backlog_queued_before"] = await _queued(s, server.url, name)
         url = f"{server.url}/v1/models/{SERVED_NAME[name]}/infer?wait=60"
         lat = []
@@ -331,6 +344,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                           20 if args.quick else 60))  # fmt: skip
                         for k, v in bb.items():
                             m[f"{db_name}_{k}"] = v
+                    elif name == "noop":  # the platform's own bulk rate: a worker that costs 0
+                        m[f"{db_name}_noop_bulk_submit_per_s"] = asyncio.run(
+                            bulk_only(server, name, 1000 if args.quick else args.backlog)
+                        )
                 finally:
                     server.stop()
             tables[name] = row
@@ -398,7 +415,10 @@ def summarise(args: argparse.Namespace, models: list[str], clients: list[int],
             m[f"{db}_backlog_interactive_p95_ms"] / m[f"{db}_idle_interactive_p95_ms"]
         )
         targets["interactive_p95_ratio_under_backlog"] = ("<=", 1.5)
-        m["bulk_submit_per_s"] = m[f"{db}_bulk_submit_per_s"]
+        # Measured on the no-op model's server where there is one: a model that takes the
+        # machine's cores (digits on a 2-core VM) would measure itself, not the submit path.
+        m["bulk_submit_per_s"] = m.get(f"{db}_noop_bulk_submit_per_s",
+                                       m[f"{db}_bulk_submit_per_s"])  # fmt: skip
         targets["bulk_submit_per_s"] = (">=", 10_000.0)
     if "gpufleet-postgres" in tables[first] and "gpufleet-sqlite" in tables[first]:
         m["postgres_vs_sqlite_min"] = min(

@@ -22,12 +22,13 @@ Failures stay as small as possible:
   A task on its second attempt or later runs in a batch of its own, so an input that kills the
   context fails alone and its former batch-mates succeed.
 
-Under a deep queue (the last claim came back full) the GPU never waits for the database:
-the next batch is claimed while this one runs, as late as still has it in hand when predict
-ends (so an interactive task that arrives meanwhile makes that batch), and results commit in
-the background (``Completer``). Otherwise a batch's results are committed before the next
-claim, in this thread: its clients are waiting. A wait for more work never lasts longer than
-a batch runs (``worker.batching``), so a model faster than the platform never waits.
+While work is deep (the last claim came back full), or several tasks came and predict is
+long enough to hide a claim, the GPU does not wait for the database: the next batch is claimed
+while this one runs, as late as still has it in hand when predict ends (so an interactive task
+that arrives meanwhile makes that batch), and results commit in the background
+(``Completer``). A lone task's results are committed before the next claim, in this thread:
+its client is waiting. A wait for more work never lasts longer than a batch runs
+(``worker.batching``), so a model faster than the platform never waits.
 
 Heartbeats run on their own thread and report cancel requests and lost leases: a task
 cancelled while queued in this worker's batch is dropped before ``predict``, and one
@@ -146,13 +147,13 @@ class Worker:
         claims = ThreadPoolExecutor(1, thread_name_prefix="claim-ahead")
         ahead: Future[list[Task]] | None = None
         try:
-            # Two paces. While work is deep (the last claim came back full) the GPU comes
-            # first: the next batch is claimed while this one runs (as late as still has it in
-            # hand when predict ends, see _claim_ahead) and the results commit on the
-            # completer's thread, both overlapping predict. Otherwise latency comes first:
-            # this thread commits the results itself, then claims. Their clients' next
-            # requests make the next batch, and on the completer's thread the commit waits for
-            # the GIL at every step while predict launches kernels (up to 5 ms a switch).
+            # Two paces. Pipelined (_pipelined: deep work, or several tasks and a predict
+            # that hides a claim) the GPU comes first: the next batch is claimed while this
+            # one runs (as late as still has it in hand when predict ends, see _claim_ahead)
+            # and the results commit on the completer's thread, both overlapping predict.
+            # Otherwise latency comes first: this thread commits the results itself, then
+            # claims. On the completer's thread the commit would wait for the GIL at every
+            # step while predict launches kernels (up to 5 ms a switch).
             results: _Results | None = None
             while not stop.is_set() and self.context_lost is None:
                 if results is not None:
