@@ -95,6 +95,35 @@ def test_large_input_goes_to_the_blob_store(engine: Engine, blob_dir: Path) -> N
         q.close()
 
 
+def test_a_bulk_submit_stores_every_task_as_given(engine: Engine, blob_dir: Path) -> None:
+    """Many tasks in one submit (one statement on PostgreSQL): each comes back as it was
+    given, inline or from the blob store, with its own tenant, lane, priority and webhook."""
+    q = TaskQueue(engine, LocalBlobStore(blob_dir), limits=Limits(inline_input_limit=1024))
+    inputs = [None, 0, "", "naïve ☃ \"quoted\"", [1, [2, {"a": None}]], {"x": 1.5, "y": True},
+              {"prompt": "x" * 5000}]  # fmt: skip
+    specs = [
+        TaskSpec("m", "1", x, tenant=f"t{i % 2}", lane="batch" if i % 3 else "interactive",
+                 priority=i, webhook_url="https://example.com/hook" if i == 2 else None)
+        for i, x in enumerate(inputs)
+    ]  # fmt: skip
+    try:
+        subs = q.submit_many(specs)
+        stored = q.get_many([s.task.id for s in subs])
+        for spec, sub in zip(specs, subs, strict=True):
+            task = stored[sub.task.id]
+            assert sub.created and task.status == TaskStatus.QUEUED
+            assert q.load_input(task) == spec.input
+            assert (task.tenant, task.lane.value, task.priority) == (
+                spec.tenant, spec.lane, spec.priority)  # fmt: skip
+            assert task.webhook_url == spec.webhook_url
+            assert task.created_at == sub.task.created_at
+        assert stored[subs[-1].task.id].input_ref is not None  # the large one went to the store
+        claimed = {c.id: c.input for c in q.claim("m", "1", "w1", max_n=10)}
+        assert claimed == {sub.task.id: spec.input for spec, sub in zip(specs, subs, strict=True)}
+    finally:
+        q.close()
+
+
 def test_list_filters_and_paginates_newest_first(queue: TaskQueue) -> None:
     ids = [queue.submit(TaskSpec("m", "1", i, tenant="a")).task.id for i in range(7)]
     queue.submit(TaskSpec("other", "1", 0, tenant="a"))
