@@ -42,6 +42,20 @@ def test_submit_wakes_a_waiting_claimer(queue: TaskQueue) -> None:
     assert queue.claim("m", "1", "w1")
 
 
+def test_one_submit_of_several_models_wakes_each_models_claimer(queue: TaskQueue) -> None:
+    ready.clear()
+    outs: dict[str, list[tuple[bool, float]]] = {"a": [], "b": []}
+    threads = [threading.Thread(target=_waiter, args=(queue, m, 10.0, outs[m])) for m in outs]
+    for th in threads:
+        th.start()
+        assert ready.wait(5)
+        ready.clear()
+    queue.submit_many([TaskSpec("a", "1", 1), TaskSpec("b", "1", 2), TaskSpec("a", "1", 3)])
+    for th in threads:
+        th.join(10)
+    assert all(out and out[0][0] and out[0][1] < 2.0 for out in outs.values())
+
+
 def test_other_models_work_does_not_wake(queue: TaskQueue) -> None:
     ready.clear()
     out: list[tuple[bool, float]] = []

@@ -233,8 +233,7 @@ QUEUED_OF_TENANT = sa.select(sa.func.count()).where(IS_QUEUED, t.tenant == sa.bi
 # rows as a JSON document. psycopg's executemany pipelines one INSERT a row, which took a bulk
 # submit of 1,000 tasks twice as long as SQLite's; a multi-row VALUES with 17,000 parameters
 # took longer still.
-PG_INSERT_BATCH = sa.text(
-    """
+_PG_INSERT = """
     INSERT INTO tasks (id, tenant, model, model_version, lane, priority, input, input_ref,
                        status, attempts, max_attempts, not_before, cancel_requested,
                        created_at, webhook_url, webhook_state, webhook_attempts)
@@ -244,5 +243,12 @@ PG_INSERT_BATCH = sa.text(
         AS x(id text, tenant text, model text, model_version text, lane text, priority int,
              input jsonb, input_ref text, max_attempts int, webhook_url text,
              webhook_state text)
+"""
+PG_INSERT_BATCH = sa.text(_PG_INSERT).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
+# The same with the submit's wake-ups (one per model), as one statement that commits alone.
+PG_INSERT_BATCH_NOTIFY = sa.text(
+    f"""
+    WITH ins AS ({_PG_INSERT} RETURNING model)
+    SELECT pg_notify(:p_channel, m.model) FROM (SELECT DISTINCT model FROM ins) AS m
     """
 ).bindparams(sa.bindparam("p_now", type_=UtcDateTime()))
