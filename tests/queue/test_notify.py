@@ -192,3 +192,40 @@ def test_large_results_are_not_carried_by_wake_ups() -> None:
     assert not ended.unknown
     inbox.add("*finished")  # a sender that did not say which: look at everything
     assert inbox.take(0).unknown
+
+
+def test_each_wake_up_goes_only_to_the_sockets_that_wait_for_its_kind(tmp_path: Path) -> None:
+    """A submit's wake-up reaches the processes waiting for work, not the API's inbox of tasks
+    that ended; a result's reaches that inbox, not the workers' wait sockets; a socket of an
+    older gpufleet (no role in its name) gets both."""
+    import socket
+
+    from gpufleet.queue.notify import SocketNotifier
+
+    n = SocketNotifier(tmp_path / "q.db")
+    n.dir.mkdir(mode=0o700)
+    socks = {}
+    for name in ("w-1-1-aa", "f-1-2-bb", "1-3-cc"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(str(n.dir / name))
+        s.setblocking(False)
+        socks[name] = s
+    try:
+        n.after_commit(["m"])
+        n.after_commit(finished_topics(["t1"]))
+
+        def received(s: socket.socket) -> list[bytes]:
+            out = []
+            while True:
+                try:
+                    out.append(s.recv(65536))
+                except BlockingIOError:
+                    return out
+
+        assert received(socks["w-1-1-aa"]) == [b"m"]
+        assert received(socks["f-1-2-bb"]) == [b"*finished:t1"]
+        assert received(socks["1-3-cc"]) == [b"m", b"*finished:t1"]
+    finally:
+        for s in socks.values():
+            s.close()
+        n.close()

@@ -305,7 +305,7 @@ def _socket_dir(database: Path) -> Path:
     limited to 108 bytes: for a deeply nested database, a per-user directory in the temp dir."""
     database = database.expanduser().resolve()
     beside = database.parent / f".{database.name}.wake"
-    if len(str(beside)) <= 70:  # room for "/<pid>-<thread>-<random>"
+    if len(str(beside)) <= 70:  # room for "/<role>-<pid>-<thread>-<random>"
         return beside
     key = hashlib.sha256(str(database).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-wake-{key}"
@@ -341,9 +341,18 @@ class SocketNotifier(_FinishedWaits):
         except FileNotFoundError:
             return  # nobody has ever waited
         sender = self._get_sender()
+        finished = FINISHED.encode()
         for name in names:
             path = str(self.dir / name)
+            # A socket says what it is for: "w-" waits for work, "f-" for tasks that ended
+            # (other names, of an older gpufleet, get both). A submit's wake-up must not wake
+            # the API's own finished-inbox thread, nor every result a worker's wait socket.
+            role = name[:2]
             for payload in payloads:
+                if (role == "w-" and payload.startswith(finished)) or (
+                    role == "f-" and not payload.startswith(finished)
+                ):
+                    continue
                 try:
                     sender.sendto(payload, path)
                 except (ConnectionRefusedError, FileNotFoundError):
@@ -363,7 +372,7 @@ class SocketNotifier(_FinishedWaits):
                 self._sender.setblocking(False)
             return self._sender
 
-    def _receiver(self) -> tuple[socket.socket, bool]:
+    def _receiver(self, role: str) -> tuple[socket.socket, bool]:
         sock: socket.socket | None = getattr(self._local, "sock", None)
         if sock is not None and getattr(self._local, "pid", None) == os.getpid():
             return sock, False
@@ -371,7 +380,8 @@ class SocketNotifier(_FinishedWaits):
         if self.dir.stat().st_uid != os.getuid():
             raise PermissionError(f"{self.dir} belongs to another user; refusing to use it")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        path = self.dir / f"{os.getpid()}-{threading.get_ident() % 10**8}-{os.urandom(3).hex()}"
+        tid = threading.get_ident() % 10**8
+        path = self.dir / f"{role}-{os.getpid()}-{tid}-{os.urandom(3).hex()}"
         sock.bind(str(path))
         sock.setblocking(False)
         self._local.sock, self._local.pid, self._local.path = sock, os.getpid(), path
@@ -393,7 +403,7 @@ class SocketNotifier(_FinishedWaits):
     def _drain_finished(self, ready: threading.Event) -> None:
         assert self._inbox is not None
         try:
-            sock, _ = self._receiver()
+            sock, _ = self._receiver("f")
         except OSError as e:
             log.warning("cannot receive wake-ups in %s (%s); polling instead", self.dir, e)
             ready.set()
@@ -417,7 +427,7 @@ class SocketNotifier(_FinishedWaits):
 
     def wait(self, model: str, timeout: float) -> bool:
         try:
-            sock, new = self._receiver()
+            sock, new = self._receiver("w")
         except OSError as e:  # no wake-ups possible here: degrade to polling, loudly
             log.warning("cannot receive wake-ups in %s (%s); polling instead", self.dir, e)
             time.sleep(timeout)
