@@ -58,12 +58,15 @@ class Transformer:
         ]
 
     def new_cache(self, batch: int, length: int) -> Cache:
+        # Zeros, not torch.empty: ``step`` attends over every slot, the unfilled ones masked
+        # with -inf, and uninitialised memory may hold NaN, which the mask does not cancel
+        # (NaN - inf is NaN; a zero weight times a NaN value is NaN).
         c = self.config
         shape = (batch, c.n_heads, length, self.head_dim)
         return [
             (
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(c.n_layers)
         ]
@@ -172,10 +175,9 @@ class DecodeGraph:
     def __init__(self, net: Transformer, length: int) -> None:
         self.length = -(-length // 64) * 64  # aligned for the memory-efficient attention kernel
         dev = net.device
-        # Zeros, not torch.empty: the step reads every slot, and a masked slot holding NaN
-        # (reused allocator memory) still poisons the sum (0 * NaN). Slots past a sequence
-        # keep earlier sequences' finite values.
-        self.cache = [(k.zero_(), v.zero_()) for k, v in net.new_cache(1, self.length)]
+        # Zeroed (new_cache): the step reads every slot. Slots past a sequence keep earlier
+        # sequences' finite values.
+        self.cache = net.new_cache(1, self.length)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
         self.bias = torch.zeros((1, 1, 1, self.length), dtype=net.dtype, device=dev)
