@@ -33,10 +33,21 @@ from gpufleet.worker import Worker, WorkerConfig
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
 )
+# What Echo takes, as its published schema (checked at submit): the object form's keys, or
+# any other JSON value (echoed back as it is).
 INPUT_SCHEMA = {
-    "type": "object",
-    "properties": {"text": {"type": "string"}},
-    "required": ["text"],
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string"},
+                "fail": {"type": "string"},
+                "sleep_s": {"type": "number", "minimum": 0},
+                "png": {"type": "boolean"},
+            },
+        },
+        {"not": {"type": "object"}},
+    ]
 }
 
 

@@ -30,7 +30,7 @@ from gpufleet.errors import (
     Unavailable,
 )
 from gpufleet.queue import TaskStatus
-from tests.api.conftest import LiveApi
+from tests.api.conftest import INPUT_SCHEMA, LiveApi
 from tests.integration.serve_helpers import free_port
 
 
@@ -225,7 +225,7 @@ def test_models_and_health(client: Client) -> None:
     models = {m.name: m for m in client.models().models}
     assert set(models) == {"echo", "idle", "manual"}
     assert models["echo"].example_input == {"text": "hi"}
-    assert models["echo"].input_schema["required"] == ["text"]
+    assert models["echo"].input_schema == INPUT_SCHEMA
     assert client.health().status == "ok"
 
 

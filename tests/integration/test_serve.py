@@ -64,6 +64,35 @@ def test_models_lists_the_demo_with_a_working_example(served: Serve) -> None:
     assert r.json()["status"] == "succeeded"
 
 
+def test_an_input_that_breaks_the_models_schema_is_refused_at_submit(served: Serve) -> None:
+    """``steps: 200`` breaks the demo's published input_schema (at most 100): 422 at once,
+    naming the field and the reason, on every way in; nothing is queued."""
+    bad = {**SEVEN, "steps": 200}
+    with served.client() as c:
+        before = c.get("/v1/tasks", params={"limit": 1000}).json()["tasks"]
+        for r in (
+            c.post("/v1/tasks", json={"model": "digits", "input": bad}),
+            c.post("/v1/models/digits/infer", json={"input": bad}),
+        ):
+            assert r.status_code == 422, r.text
+            err = r.json()["error"]
+            assert err["code"] == "invalid_input"
+            assert err["details"]["field"] == "input.steps"
+            assert "200 is greater than the maximum of 100" in err["message"]
+        r = c.post("/v1/tasks/batch", json={"tasks": [
+            {"model": "digits", "input": SEVEN},
+            {"model": "digits", "input": {"prompt": "a 3", "stepz": 8}},
+        ]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        first, second = r.json()["tasks"]
+        assert "id" in first
+        assert second["error"]["code"] == "invalid_input"
+        assert "'stepz' was unexpected" in second["error"]["message"]
+        wait_done(c, [first["id"]])
+        after = c.get("/v1/tasks", params={"limit": 1000}).json()["tasks"]
+    assert len(after) == len(before) + 1  # only the good one of the bulk
+
+
 def test_interactive_goes_ahead_of_a_batch_backlog(served: Serve) -> None:
     # The backlog goes straight into the queue: over HTTP it would drain as fast as it came.
     q = TaskQueue(create_engine(f"sqlite:///{served.data_dir / 'gpufleet.db'}"),

@@ -46,6 +46,7 @@ from gpufleet.api.schemas import (
     WorkerCounts,
 )
 from gpufleet.errors import GpufleetError, NotFound, TaskNotFinished
+from gpufleet.models.input_check import input_check
 from gpufleet.models.runtime import Batching, ModelInfo
 from gpufleet.monitor import metrics
 from gpufleet.queue import Submission, Task, TaskQueue, TaskSpec, TaskStatus
@@ -96,6 +97,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     queue = ctx.queue
     service = TaskService(queue, watch_poll_s=ctx.watch_poll_s)
     models = {m.info.name: m for m in ctx.models}
+    checks = {m.info.name: input_check(m.info.name, m.info.input_schema) for m in ctx.models}
     stop = threading.Event()
 
     @asynccontextmanager
@@ -143,6 +145,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     def spec(caller: Principal, name: str, opts: TaskOptions, value: Any) -> TaskSpec:
         m = deployed(name, opts.version)
+        if (check := checks.get(m.info.name)) is not None:
+            check(value)  # the model's input_schema, at once: 422 naming the field
         return TaskSpec(
             model=m.info.name,
             version=m.info.version,
