@@ -3,6 +3,7 @@ single retry after a batch error, out-of-memory halving, cancellation and draini
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -223,6 +224,23 @@ def test_a_batch_error_retries_items_singly_and_fails_only_the_culprit(q: TaskQu
     assert [tasks[i].status for i in ids] == ["succeeded", "failed", "succeeded"]
     err = tasks[ids[1]].error
     assert err is not None and err.code == "model_error" and "boom" in err.message
+
+
+def test_a_models_exception_is_logged_with_its_traceback(
+    q: TaskQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log shows where in the model it failed (its frames, not the worker's); the task
+    gets the one-line message."""
+    ids = _submit(q, [1, "boom", 3])
+    with caplog.at_level(logging.WARNING, logger="gpufleet.worker.loop"), Running(q, Doubler()):
+        tasks = _wait_finished(q, ids)
+    err = tasks[ids[1]].error
+    assert err is not None and err.message == "ValueError: boom in this batch"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Traceback (most recent call last):" in logged
+    assert 'test_loop.py", line' in logged and "in predict" in logged
+    assert 'raise ValueError("boom in this batch")' in logged
+    assert "worker/loop.py" not in logged  # the model's frames only
 
 
 def test_out_of_memory_halves_the_batch(q: TaskQueue) -> None:

@@ -6,9 +6,11 @@ to ours line by line, the last lines kept; a known CUDA failure among them is ex
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+import traceback
 from collections import deque
 
 from gpufleet.gpu.cuda_errors import explain
@@ -63,6 +65,20 @@ def explained_error(error: BaseException) -> str:
     if finding is None:
         return short
     return f"{short} [{finding.check}] {finding.why} Fix: {finding.fix}"[:1500]
+
+
+def model_traceback(error: BaseException, limit: int = 20) -> str:
+    """Where ``error`` came from, for the worker's log: the traceback from the first frame
+    outside gpufleet's worker (the model's own code and what it called), its last ``limit``
+    frames, then the error. The task itself gets ``short_error``."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return short_error(error)
+    ours = f"{os.sep}gpufleet{os.sep}worker{os.sep}"
+    start = next((i for i, f in enumerate(frames) if ours not in f.filename), len(frames))
+    kept = frames[start:][-limit:] or frames[-limit:]
+    lines = "".join(traceback.format_list(kept)).rstrip("\n")
+    return f"Traceback (most recent call last):\n{lines}\n{short_error(error)}"
 
 
 def short_error(error: BaseException) -> str:

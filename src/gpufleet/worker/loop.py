@@ -58,7 +58,7 @@ from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, re
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
 from gpufleet.worker.batching import BatchWindow
-from gpufleet.worker.crash import explained_error, short_error
+from gpufleet.worker.crash import explained_error, model_traceback, short_error
 from gpufleet.worker.limits import WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,8 @@ class Worker:
                 return self._predict(batch[:half]) + self._predict(batch[half:])
             if len(batch) == 1:
                 return [self._single(batch[0], e)]
-            log.warning("predict failed for a batch of %d (%s); retrying one by one",
-                        len(batch), short_error(e))  # fmt: skip
+            log.warning("predict failed for a batch of %d; retrying one by one\n%s",
+                        len(batch), model_traceback(e))  # fmt: skip
             return [self._single(t, None) for t in batch]
         for t in batch:
             metrics.TASK_SECONDS.labels(t.model, t.lane.value, "inference").observe(elapsed)
@@ -333,7 +333,7 @@ class Worker:
                     release_cuda_cache(self.config.device)
                     return self._out_of_memory(e)
                 error = e
-        log.warning("task %s failed in predict: %s", task.id, short_error(error))
+        log.warning("task %s failed in predict\n%s", task.id, model_traceback(error))
         return ItemError("model_error", explained_error(error), retryable=False)
 
     def _lose_context(
