@@ -59,6 +59,8 @@ def test_models_lists_the_demo_with_a_working_example(served: Serve) -> None:
     with served.client() as c:
         [model] = c.get("/v1/models").json()["models"]
         assert model["name"] == "digits"
+        assert model["batching"] == {"max_batch_size": 32, "max_queue_delay_ms": 5.0}
+        assert isinstance(model["batching"]["max_batch_size"], int)  # not 32.0
         assert model["workers"] == {"ready": 2, "total": 2}
         r = c.post("/v1/models/digits/infer", json={"input": model["example_input"]})
     assert r.json()["status"] == "succeeded"

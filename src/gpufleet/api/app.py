@@ -29,6 +29,7 @@ from gpufleet import __version__
 from gpufleet.api.auth import Principal, authenticator
 from gpufleet.api.errors import BodySizeLimit, install_error_handlers
 from gpufleet.api.schemas import (
+    BatchingView,
     BulkSubmitRequest,
     BulkSubmitted,
     ErrorBody,
@@ -347,10 +348,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     name=m.info.name,
                     version=m.info.version,
                     description=m.info.description,
-                    batching={
-                        "max_batch_size": m.batching.max_batch_size,
-                        "max_queue_delay_ms": m.batching.max_queue_delay_ms,
-                    },
+                    batching=BatchingView(
+                        max_batch_size=m.batching.max_batch_size,
+                        max_queue_delay_ms=m.batching.max_queue_delay_ms,
+                    ),
                     workers=workers,
                     queue=depth,
                     input_schema=m.info.input_schema,

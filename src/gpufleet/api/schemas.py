@@ -147,11 +147,16 @@ class WorkerCounts(BaseModel):
     total: int
 
 
+class BatchingView(BaseModel):
+    max_batch_size: int
+    max_queue_delay_ms: float
+
+
 class ModelView(BaseModel):
     name: str
     version: str
     description: str
-    batching: dict[str, float]
+    batching: BatchingView
     workers: WorkerCounts | None = Field(None, description="local workers (gpufleet serve)")
     queue: dict[str, int] = Field(description="tasks by lane and state: queued_interactive, ...")
     input_schema: dict[str, Any]
