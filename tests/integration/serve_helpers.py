@@ -45,11 +45,16 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
         self.key = ""
 
-    def start(self, timeout: float = 90, ready_path: str = "/healthz") -> Serve:
+    def start(
+        self, timeout: float = 90, ready_path: str = "/healthz", *, own_group: bool = False
+    ) -> Serve:
+        """``own_group``: in a process group of its own, as a terminal's foreground job is,
+        so a test can send it (and its workers) a Ctrl-C."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                process_group=0 if own_group else None,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -244,6 +244,18 @@ def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> Non
     assert all(v["status"] == "succeeded" for v in done.values())
 
 
+def test_ctrl_c_stops_without_restarting_anything(tmp_path: Path) -> None:
+    """Ctrl-C reaches the server, its API processes and its workers at once (one process
+    group): they drain and exit, and nothing is reported as exited and restarted."""
+    s = Serve(tmp_path, "--cpu-slots", "2", "--api-workers", "2").start(own_group=True)
+    assert s.proc is not None
+    os.killpg(s.proc.pid, signal.SIGINT)
+    assert s.proc.wait(60) == 0
+    out = s.output()
+    assert "stopping: draining workers" in out
+    assert "restarting in" not in out and "starting another" not in out, out
+
+
 def test_cancel_a_running_task(tmp_path: Path) -> None:
     model = Path(__file__).resolve().parents[2] / "bench" / "models" / "fixed_cost"
     env = {"FIXED_COST_MS": "3000", "GPUFLEET_LEASE_S": "3"}  # heartbeats every second

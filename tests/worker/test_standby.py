@@ -3,6 +3,7 @@ that hands a restarting worker's model to one of them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -136,6 +137,29 @@ def test_a_killed_worker_is_replaced_by_the_standby(data_dir: Path, queue: TaskQ
         sup.stop(grace_s=5)
     assert all(p is not None and p.poll() is not None for p in procs)
     assert sup.standbys == []
+
+
+def test_once_stopping_a_worker_that_exits_is_not_restarted(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ctrl-C reaches the workers with the server: they drain and exit before the server
+    gets to ``stop``. Once the server said it is stopping, that is not a crash to restart."""
+    sup = Supervisor([Deployment("builtin:digits", "digits", "1")], [Slot("cpu0", "cpu")],
+                     env=_env(data_dir), grace_s=5, poll_s=0.05)  # fmt: skip
+    sup.start()
+    try:
+        assert sup.wait_ready(60)
+        proc = sup.workers[0].proc
+        assert proc is not None
+        with caplog.at_level(logging.INFO, logger="gpufleet.worker.supervisor"):
+            sup.stopping()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0  # drained
+            time.sleep(1.5)  # past the first restart's backoff
+        assert sup.workers[0].proc is proc and sup.workers[0].restarts == 0
+        assert "restarting" not in caplog.text
+    finally:
+        sup.stop(grace_s=5)
 
 
 def test_a_standby_that_dies_is_replaced(data_dir: Path) -> None:

@@ -206,7 +206,7 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=5,
         )
-        server = _server_class()(config)
+        server = _server_class(supervisor.stopping)(config)
 
     base = f"http://{host}:{port}"
     lines = [
@@ -259,6 +259,7 @@ def serve(
                     insecure_no_auth=insecure_no_auth,
                     max_body_bytes=settings.max_input_bytes + 1024 * 1024,
                     log_level=log_level,
+                    on_signal=supervisor.stopping,
                 )  # fmt: skip
     finally:
         console.print("stopping: draining workers")
@@ -282,6 +283,7 @@ def _serve_processes(
     insecure_no_auth: bool,
     max_body_bytes: int,
     log_level: str,
+    on_signal: Callable[[], None],
 ) -> None:
     """The API in ``n`` processes on one listening socket (``api.process``), until SIGINT or
     SIGTERM; this process publishes its workers' readiness for them and runs the webhook
@@ -307,8 +309,13 @@ def _serve_processes(
         max_body_bytes=max_body_bytes, status_file=status_file, log_level=log_level,
     )  # fmt: skip
     stop = threading.Event()
+
+    def stopping(*_: object) -> None:
+        stop.set()
+        on_signal()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stopping)
     side = threading.Thread(target=background, args=(stop,), daemon=True)
     side.start()
     procs = spawn(n, sock, config, env)
@@ -354,17 +361,19 @@ def _placements_line(placements: list[Placement]) -> str:
     return ", ".join(parts)
 
 
-def _server_class() -> type:
+def _server_class(on_signal: Callable[[], None]) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM / SIGINT once it has stopped serving, which would kill
-        this process before it drains its workers; here the signal only stops serving."""
+        this process before it drains its workers; here the signal only stops serving (and
+        calls ``on_signal``)."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
+            on_signal()
 
     return Server
 

@@ -377,6 +377,12 @@ class Supervisor:
             time.sleep(0.05)
         return False
 
+    def stopping(self) -> None:
+        """The server is shutting down: restart nothing from now on. A Ctrl-C reaches the
+        workers with the server (one process group) and they drain and exit at once, before
+        ``stop`` is called; without this, each was reported as exited and restarted."""
+        self._stopping.set()
+
     def stop(self, grace_s: float | None = None) -> None:
         """Drain every worker: SIGTERM, wait up to the grace period (plus time to release),
         then SIGKILL the rest."""
