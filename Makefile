@@ -27,9 +27,10 @@ system-deps:
 		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-# The API on 127.0.0.1:8080 and a worker serving the demo model, on SQLite under the data dir.
+# The API on 127.0.0.1:8080 (make serve PORT=9000 HOST=0.0.0.0; or GPUFLEET_PORT, GPUFLEET_HOST)
+# and a worker serving the demo model, on SQLite under the data dir.
 serve: install
-	$(BIN)/gpufleet serve
+	$(BIN)/gpufleet serve $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -244,6 +244,18 @@ def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> Non
     assert all(v["status"] == "succeeded" for v in done.values())
 
 
+def test_the_address_comes_from_the_environment_too(tmp_path: Path) -> None:
+    s = Serve(tmp_path, "--cpu-slots", "1", env={"GPUFLEET_HOST": "127.0.0.1"})
+    s.cmd.remove("--port")
+    s.cmd.remove(str(s.port))
+    s.env["GPUFLEET_PORT"] = str(s.port)
+    try:
+        s.start()  # ready on the port the environment named
+        assert f"http://127.0.0.1:{s.port}/v1" in s.output()
+    finally:
+        s.stop()
+
+
 def test_ctrl_c_stops_without_restarting_anything(tmp_path: Path) -> None:
     """Ctrl-C reaches the server, its API processes and its workers at once (one process
     group): they drain and exit, and nothing is reported as exited and restarted."""

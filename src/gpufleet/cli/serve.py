@@ -37,8 +37,12 @@ def serve(
         help="NAME[@VERSION|@TAG] from the registry, a model directory with a model.yaml, "
         "or builtin:NAME (repeatable).",
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", envvar="GPUFLEET_HOST", help="Address to listen on."
+    ),
+    port: int = typer.Option(
+        8080, "--port", min=0, max=65535, envvar="GPUFLEET_PORT", help="Port to listen on."
+    ),
     cpu_slots: int = typer.Option(
         1, "--cpu-slots", min=1, max=256, help="Worker slots on a host without GPUs."
     ),
