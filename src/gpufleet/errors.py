@@ -206,3 +206,13 @@ class StreamStalled(Unavailable):
     """An event stream that went quiet for longer than the keep-alives allow."""
 
     code = "stream_stalled"
+
+
+def size_text(n: int) -> str:
+    """``16 MiB (16,777,216 bytes)``: a limit as people set it, and exactly."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+            return f"{shown} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"

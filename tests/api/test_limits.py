@@ -67,11 +67,27 @@ def test_a_body_over_the_limit_is_refused_with_413(
     r = _post(url, keys["a"], json={"model": "m", "input": "x" * (MAX_BODY * 2)})
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "payload_too_large"
+    assert "over the limit of 4 KiB (4,096 bytes)" in r.json()["error"]["message"]
     # Without a Content-Length (chunked), the limit holds while the body streams in.
     chunks = (b'{"model": "m", "input": "' + b"x" * 1000 for _ in range(10))
     r = httpx.post(f"{url}/v1/tasks", headers={"Authorization": f"Bearer {keys['a']}"},
                    content=chunks)  # fmt: skip
     assert r.status_code == 413
+    assert queue.list_tasks().items == []
+
+
+@pytest.mark.parametrize("path", ["/v1/tasks", "/v1/models/m/infer", "/v1/tasks/batch"])
+def test_a_body_that_is_not_json_says_so(
+    small: tuple[str, TaskQueue, dict[str, str]], path: str
+) -> None:
+    url, queue, keys = small
+    r = httpx.post(f"{url}{path}", headers={"Authorization": f"Bearer {keys['a']}",
+                   "Content-Type": "application/json"}, content=b'{"model": "m",, }')  # fmt: skip
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input"
+    assert err["message"].startswith("body: the body is not valid JSON: "), err
+    assert "decode error" not in err["message"]
     assert queue.list_tasks().items == []
 
 

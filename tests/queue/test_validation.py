@@ -180,7 +180,7 @@ def test_submit_refuses_oversize_input(
     assert err.http_status == 413
     assert err.details["limit"] == MAX_INPUT
     assert err.details["size"] == MAX_INPUT + 2  # the JSON string's quotes
-    assert str(MAX_INPUT) in err.message and str(MAX_INPUT + 2) in err.message
+    assert f"{MAX_INPUT:,} bytes" in err.message and f"{MAX_INPUT + 2:,} bytes" in err.message
     unchanged()
     # One byte under the limit is accepted.
     q.submit(replace(GOOD, input="x" * (MAX_INPUT - 2)))

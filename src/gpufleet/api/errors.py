@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpufleet.errors import GpufleetError, QuotaExceeded, Unavailable
+from gpufleet.errors import GpufleetError, QuotaExceeded, Unavailable, size_text
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [
-            {
-                "field": ".".join(str(p) for p in err.get("loc", ())),
-                "message": str(err.get("msg", "")),
-            }
-            for err in exc.errors()
-        ]
+        fields = [_field_error(err) for err in exc.errors()]
         first = fields[0] if fields else {"field": "body", "message": "invalid request"}
         message = f"{first['field']}: {first['message']}"
         if len(fields) > 1:
@@ -134,7 +128,20 @@ class BodySizeLimit:
         response = error_response(
             413,
             "payload_too_large",
-            f"request body is over the limit of {self.max_bytes} bytes",
+            f"request body is over the limit of {size_text(self.max_bytes)} (an input may "
+            "be up to GPUFLEET_MAX_INPUT_BYTES as JSON, plus 1 MiB for the rest)",
             limit=self.max_bytes,
         )
         await response(scope, receive, send)
+
+
+def _field_error(err: Any) -> dict[str, str]:
+    """One request validation error as ``{field, message}``. A body that is not JSON at all
+    says so, with the parser's reason and where (FastAPI's own reads "body.34: JSON decode
+    error")."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        reason = str((err.get("ctx") or {}).get("error", "")) or str(err.get("msg", ""))
+        where = f" (at character {loc[1]})" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return {"field": "body", "message": f"the body is not valid JSON: {reason}{where}"}
+    return {"field": ".".join(str(p) for p in loc), "message": str(err.get("msg", ""))}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.errors import InvalidInput, PayloadTooLarge
+from gpufleet.errors import InvalidInput, PayloadTooLarge, size_text
 from gpufleet.queue.tasks import Lane, TaskError, TaskSpec, TaskStatus
 
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
@@ -199,8 +199,8 @@ def prepare(spec: TaskSpec, limits: Limits) -> PreparedTask:
     encoded = encode_json(spec.input, "input")
     if len(encoded) > limits.max_input_bytes:
         raise PayloadTooLarge(
-            f"input is {len(encoded)} bytes as JSON; the limit is {limits.max_input_bytes} "
-            "(GPUFLEET_MAX_INPUT_BYTES)",
+            f"input is {len(encoded):,} bytes as JSON; the limit is "
+            f"{size_text(limits.max_input_bytes)} (GPUFLEET_MAX_INPUT_BYTES)",
             field="input",
             limit=limits.max_input_bytes,
             size=len(encoded),
