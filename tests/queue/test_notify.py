@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -228,4 +229,48 @@ def test_each_wake_up_goes_only_to_the_sockets_that_wait_for_its_kind(tmp_path: 
     finally:
         for s in socks.values():
             s.close()
+        n.close()
+
+
+def test_a_finished_wake_up_waits_for_room_in_a_full_inbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full receiver (10 datagrams queued) drops work wake-ups, which one queued one says
+    already; a finished one, which names tasks no other says, waits for the drain."""
+    import socket
+
+    from gpufleet.queue import notify
+    from gpufleet.queue.notify import SocketNotifier
+
+    monkeypatch.setattr(notify, "FULL_WAIT_S", 1.0)  # however slow this machine is today
+
+    n = SocketNotifier(tmp_path / "q.db")
+    n.dir.mkdir(mode=0o700)
+    inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox.bind(str(n.dir / "f-1-1-aa"))
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while queued < 10_000:
+                filler.sendto(b"*finished:old", str(n.dir / "f-1-1-aa"))
+                queued += 1
+        got: list[bytes] = []
+
+        def drain() -> None:
+            time.sleep(0.003)  # the send below finds the inbox full
+            inbox.settimeout(2)
+            with contextlib.suppress(OSError):
+                while not got or got[-1] != b"*finished:new":
+                    got.append(inbox.recv(65536))
+
+        th = threading.Thread(target=drain)
+        th.start()
+        n.after_commit(finished_topics(["new"]))
+        th.join(10)
+        assert got[-1] == b"*finished:new" and len(got) == queued + 1
+    finally:
+        inbox.close()
+        filler.close()
         n.close()

@@ -311,6 +311,26 @@ def _socket_dir(database: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-wake-{key}"
 
 
+FULL_WAIT_S = 0.01  # how long a finished wake-up waits for room in a full receiver
+
+
+def _send_patiently(sender: socket.socket, payload: bytes, path: str) -> None:
+    """A finished wake-up, waiting up to ``FULL_WAIT_S`` while its receiver's queue is full
+    (``net.unix.max_dgram_qlen``, 10 datagrams by default): unlike a work wake-up it says
+    something no other datagram says (which tasks ended), and dropped, its waiters would hear
+    only at the watcher's safety look, half a second later. The receiver is a thread that does
+    nothing but drain (``_drain_finished``), so room comes within milliseconds."""
+    deadline = time.monotonic() + FULL_WAIT_S
+    while True:
+        try:
+            sender.sendto(payload, path)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ENOBUFS) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.0005)
+
+
 class SocketNotifier(_FinishedWaits):
     def __init__(self, database: Path) -> None:
         self.dir = _socket_dir(database)
@@ -354,7 +374,10 @@ class SocketNotifier(_FinishedWaits):
                 ):
                     continue
                 try:
-                    sender.sendto(payload, path)
+                    if payload.startswith(finished):
+                        _send_patiently(sender, payload, path)
+                    else:
+                        sender.sendto(payload, path)
                 except (ConnectionRefusedError, FileNotFoundError):
                     # The waiter's process is gone without cleaning up.
                     with contextlib.suppress(OSError):
@@ -362,7 +385,7 @@ class SocketNotifier(_FinishedWaits):
                     break
                 except OSError as e:
                     if e.errno in (errno.EAGAIN, errno.ENOBUFS):
-                        break  # its buffer is full of wake-ups already
+                        break  # work wake-ups: one already queued says as much
                     raise
 
     def _get_sender(self) -> socket.socket:
