@@ -171,3 +171,14 @@ def test_invalid_setting_is_one_readable_line(data_dir: Path, name: str, value: 
     assert setting in proc.stderr
     assert proc.stdout == ""
     assert not (data_dir / "gpufleet.db").exists()  # refused before touching anything
+
+
+@pytest.mark.parametrize("command", [["submit"], ["serve"], ["tasks"]])
+def test_help_shows_flags_as_flags(tmp_path: Path, command: list[str]) -> None:
+    """A flag (--json, --help) takes no value, so its help row names no type."""
+    proc = run_cli(tmp_path, *command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--help" in proc.stdout
+    assert "<bool>" not in proc.stdout
+    if command == ["submit"]:
+        assert "http://127.0.0.1:8080" in proc.stdout  # the URL's default, not eaten as markup

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from gpufleet import __version__
 from gpufleet.cli import db, doctor, gpus, keys, models, queue, serve, tasks
 from gpufleet.cli.context import CliState, console, load_settings
+
+
+def _flags_without_a_type() -> None:
+    """typer 0.29 shows every flag (``--json``, ``--help``) with a ``<bool>`` value, as if
+    it took one: a flag takes none, so its help row shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_a_type()
 
 app = typer.Typer(
     name="gpufleet",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gpufleet.client import Client
 
 URL = typer.Option(
-    None, "--url", envvar="GPUFLEET_URL", help="API URL [default: http://127.0.0.1:8080]."
+    None, "--url", envvar="GPUFLEET_URL", help="API URL (by default http://127.0.0.1:8080)."
 )
 KEY = typer.Option(None, "--key", envvar="GPUFLEET_API_KEY", help="API key.", show_default=False)
 JSON_OUT = typer.Option(False, "--json", help="Print JSON instead of text.")
