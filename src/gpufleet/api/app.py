@@ -14,11 +14,12 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -121,7 +122,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         description="Asynchronous inference on shared GPUs: submit tasks, wait for results.",
         lifespan=lifespan,
         responses=_ERRORS,
+        docs_url=None,  # served below from files in the package, not a CDN
+        redoc_url=None,
     )
+    _offline_docs(app)
     install_error_handlers(app)
     app.add_middleware(_CountRequests)
     app.add_middleware(BodySizeLimit, max_bytes=ctx.max_body_bytes)
@@ -487,3 +491,26 @@ class _DepthCollector(Collector):
                 oldest.add_metric(labels, row.oldest_age_s)
         yield depth
         yield oldest
+
+
+SWAGGER_UI = Path(__file__).parent / "static" / "swagger-ui"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from files shipped in the package (``static/swagger-ui``,
+    swagger-ui-dist, Apache-2.0). FastAPI's default loads it from a CDN, which left the page
+    blank on a machine without internet access, as GPU nodes often are."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs/static", StaticFiles(directory=SWAGGER_UI), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
