@@ -97,9 +97,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     if ctx.keys is None and not ctx.insecure_no_auth:
         raise ValueError("an API needs a key store, or insecure_no_auth=True said explicitly")
     queue = ctx.queue
-    service = TaskService(queue, watch_poll_s=ctx.watch_poll_s)
-    models = {m.info.name: m for m in ctx.models}
     checks = {m.info.name: input_check(m.info.name, m.info.input_schema) for m in ctx.models}
+    service = TaskService(queue, watch_poll_s=ctx.watch_poll_s, input_checks=checks)
+    models = {m.info.name: m for m in ctx.models}
     stop = threading.Event()
 
     @asynccontextmanager
@@ -150,8 +150,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     def spec(caller: Principal, name: str, opts: TaskOptions, value: Any) -> TaskSpec:
         m = deployed(name, opts.version)
-        if (check := checks.get(m.info.name)) is not None:
-            check(value)  # the model's input_schema, at once: 422 naming the field
         return TaskSpec(
             model=m.info.name,
             version=m.info.version,

@@ -6,6 +6,9 @@ their requests into ``TaskSpec``s and call this. It owns the process's ``SubmitB
 tasks that ended for everybody waiting here), and it never blocks an event loop: submits wait
 on the batcher's future, waits on the watcher's wake-ups, and only reads go to a thread.
 
+Each input is checked against its model's ``input_schema`` here (``input_checks``, from
+``models.input_check``), so every protocol refuses a bad input at once, 422 naming the field.
+
 What a caller may rely on: ``submit`` returns once the task is durable (committed with a disk
 flush: it survives a crash of the process, of the database and of the host), and ``run``
 returns the task as it was when it ended, or as it stands when ``wait_s`` ran out.
@@ -14,11 +17,12 @@ returns the task as it was when it ended, or as it stands when ``wait_s`` ran ou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from gpufleet.errors import Conflict, GpufleetError, InvalidInput, NotFound, QuotaExceeded
+from gpufleet.models.input_check import InputCheck
 from gpufleet.monitor import metrics
 from gpufleet.queue.batcher import SubmitBatcher
 from gpufleet.queue.manager import TaskQueue
@@ -30,8 +34,15 @@ MAX_BULK = 1000
 
 
 class TaskService:
-    def __init__(self, queue: TaskQueue, *, watch_poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        queue: TaskQueue,
+        *,
+        watch_poll_s: float = 0.5,
+        input_checks: Mapping[str, InputCheck | None] | None = None,
+    ) -> None:
         self.queue = queue
+        self.input_checks = dict(input_checks or {})
         self.watcher = TaskWatcher(queue, poll_s=watch_poll_s)
         self.batcher = SubmitBatcher(queue)
 
@@ -44,6 +55,7 @@ class TaskService:
 
     async def submit(self, spec: TaskSpec) -> Submission:
         """Queue one task; returns once it is durable."""
+        self._check(spec)
         sub = await asyncio.wrap_future(self.batcher.submit_future(spec))
         _count([sub])
         return sub
@@ -67,6 +79,7 @@ class TaskService:
         good: list[tuple[int, PreparedTask]] = []
         for i, spec in enumerate(specs):
             try:
+                self._check(spec)
                 good.append((i, self.queue.prepare(spec)))
             except GpufleetError as e:
                 out[i] = e
@@ -83,6 +96,12 @@ class TaskService:
                     except (Conflict, QuotaExceeded, NotFound, InvalidInput) as e:
                         out[i] = e
         return [o for o in out if o is not None]
+
+    def _check(self, spec: TaskSpec) -> None:
+        """``InvalidInput`` naming the field when ``spec``'s input breaks its model's
+        ``input_schema``."""
+        if (check := self.input_checks.get(spec.model)) is not None:
+            check(spec.input)
 
     async def run(self, spec: TaskSpec, wait_s: float) -> tuple[Submission, Task]:
         """Submit, then wait up to ``wait_s`` seconds for the task to end."""

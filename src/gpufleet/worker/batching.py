@@ -35,6 +35,11 @@ _ALPHA = 0.25  # weight of the latest wait in the moving average
 _PAYS = 0.5  # tasks a wait must add on average to be worth its delay
 
 
+def moving_average(average: float | None, latest: float) -> float:
+    """The latest value weighed in (``_ALPHA``); the first one alone starts the average."""
+    return latest if average is None else (1 - _ALPHA) * average + _ALPHA * latest
+
+
 class BatchWindow:
     def __init__(self, max_batch: int, max_delay_s: float) -> None:
         self.max_batch = max_batch
@@ -69,7 +74,7 @@ class BatchWindow:
 
     def waited(self, added: int) -> None:
         """A wait is over: it added ``added`` tasks to the batch."""
-        self.gain = (1 - _ALPHA) * self.gain + _ALPHA * added
+        self.gain = moving_average(self.gain, added)
 
     def _in_a_wave(self) -> bool:
         idle_for = time.monotonic() - self._last_end
@@ -78,7 +83,4 @@ class BatchWindow:
     def ran(self, seconds: float, size: int) -> None:
         """A batch of ``size`` tasks ran: its ``predict`` took ``seconds``."""
         self._last_size, self._last_end = size, time.monotonic()
-        if self.run_s is None:
-            self.run_s = seconds
-        else:
-            self.run_s = (1 - _ALPHA) * self.run_s + _ALPHA * seconds
+        self.run_s = moving_average(self.run_s, seconds)

@@ -57,7 +57,7 @@ from gpufleet.gpu.cuda_errors import context_lost, explain
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
-from gpufleet.worker.batching import BatchWindow
+from gpufleet.worker.batching import BatchWindow, moving_average
 from gpufleet.worker.crash import explained_error, model_traceback, short_error
 from gpufleet.worker.limits import WorkerLimits
 
@@ -193,8 +193,7 @@ class Worker:
         cfg = self.config
         started = time.monotonic()
         tasks = self.queue.claim(cfg.model, cfg.version, cfg.worker_id, lanes=cfg.lanes, max_n=n)
-        took = time.monotonic() - started
-        self._claim_s = took if self._claim_s is None else 0.75 * self._claim_s + 0.25 * took
+        self._claim_s = moving_average(self._claim_s, time.monotonic() - started)
         with self._lock:
             for t in tasks:
                 self._held[t.id] = t
