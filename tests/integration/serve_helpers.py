@@ -59,10 +59,12 @@ class Serve:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited {self.proc.returncode}:\n{self.output()}")
-            if not self.key and (m := KEY_RE.search(self.output())):
-                self.key = m.group(1)
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
+                    # The banner (with a first start's admin key) is out before serving
+                    # starts: read it after readiness, not before the look.
+                    if not self.key and (m := KEY_RE.search(self.output())):
+                        self.key = m.group(1)
                     return self
             time.sleep(0.2)
         raise TimeoutError(f"serve not ready in {timeout}s:\n{self.output()}")
