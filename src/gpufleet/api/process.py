@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,65 @@ def spawn(
     fd = sock.fileno()
     cmd = [sys.executable, "-m", "gpufleet.api.process", "--fd", str(fd), "--config", str(config)]
     return [subprocess.Popen(cmd, env=env, pass_fds=(fd,)) for _ in range(n)]
+
+
+# As the supervisor restarts workers: 1 s doubling to 60 s, back to 1 s after a healthy minute.
+BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
+
+
+@dataclass
+class _Slot:
+    proc: subprocess.Popen[bytes] | None
+    started_at: float
+    backoff_s: float = BACKOFF_MIN_S
+    next_start: float = 0.0
+
+
+class ApiProcesses:
+    """``n`` API processes kept running: one that exits is started again after a backoff, so
+    one that dies at once (a broken config, a database it cannot open) does not spin a core
+    and flood the log. ``check(now)`` is called by ``serve``'s loop; ``start`` makes one
+    process (``spawn`` in ``serve``)."""
+
+    def __init__(self, n: int, start: Callable[[], subprocess.Popen[bytes]], now: float) -> None:
+        self._start = start
+        self.slots = [_Slot(start(), now) for _ in range(n)]
+
+    @property
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        return [s.proc for s in self.slots if s.proc is not None]
+
+    def check(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.proc is None:
+                if now >= slot.next_start:
+                    slot.proc, slot.started_at = self._start(), now
+                continue
+            code = slot.proc.poll()
+            if code is None:
+                if now - slot.started_at >= HEALTHY_AFTER_S:
+                    slot.backoff_s = BACKOFF_MIN_S
+                continue
+            log.warning(
+                "API process %d exited with %s; starting another in %.0fs",
+                slot.proc.pid, code, slot.backoff_s,
+            )  # fmt: skip
+            slot.proc, slot.next_start = None, now + slot.backoff_s
+            slot.backoff_s = min(slot.backoff_s * 2, BACKOFF_MAX_S)
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM to each (open requests finish), SIGKILL to any still there after
+        ``timeout``."""
+        procs = self.procs
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def serve_on(fd: int, config_path: Path) -> None:

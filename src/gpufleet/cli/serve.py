@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -291,10 +291,16 @@ def _serve_processes(
 ) -> None:
     """The API in ``n`` processes on one listening socket (``api.process``), until SIGINT or
     SIGTERM; this process publishes its workers' readiness for them and runs the webhook
-    dispatcher. An API process that dies is started again."""
+    dispatcher. An API process that dies is started again, after a backoff."""
     import socket
 
-    from gpufleet.api.process import WORKERS_FILE, spawn, write_config, write_status
+    from gpufleet.api.process import (
+        WORKERS_FILE,
+        ApiProcesses,
+        spawn,
+        write_config,
+        write_status,
+    )
     from gpufleet.errors import InvalidInput
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -322,26 +328,13 @@ def _serve_processes(
         signal.signal(sig, stopping)
     side = threading.Thread(target=background, args=(stop,), daemon=True)
     side.start()
-    procs = spawn(n, sock, config, env)
+    procs = ApiProcesses(n, lambda: spawn(1, sock, config, env)[0], time.monotonic())
     try:
         while not stop.wait(0.25):
             write_status(status_file, counts())
-            for i, proc in enumerate(procs):
-                if proc.poll() is not None:
-                    logging.getLogger(__name__).warning(
-                        "API process %d exited with %s; starting another", proc.pid,
-                        proc.returncode,
-                    )  # fmt: skip
-                    procs[i] = spawn(1, sock, config, env)[0]
+            procs.check(time.monotonic())
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        procs.stop()
         sock.close()
         side.join(5)
         status_file.unlink(missing_ok=True)
