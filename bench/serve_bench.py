@@ -1,7 +1,8 @@
 """Serve benchmark: does ``gpufleet serve`` keep up with the model? A concurrency sweep.
 
-For each model (a no-op model, ``builtin:digits``, ``builtin:tiny-lm``; the slow
-``bench/models/fixed_cost`` on request), side by side in one run:
+For each model (a no-op model, ``builtin:digits``, ``builtin:tiny-lm``; on request the slow
+``bench/models/fixed_cost`` and ``bench/models/sleep``, a device-bound stand-in that waits 14 ms
+a batch with the CPU free, for a machine without a GPU), side by side in one run:
 
 - bare: the runner in a bare loop in this process, ``predict`` on full batches (the ceiling
   the GPU or CPU gives), and one item alone (the model's own latency);
@@ -52,8 +53,9 @@ MODELS = {
     "digits": "builtin:digits",
     "tiny-lm": "builtin:tiny-lm",
     "fixed-cost": str(HERE / "models" / "fixed_cost"),
+    "sleep": str(HERE / "models" / "sleep"),
 }
-SERVED_NAME = {"noop": "noop", "digits": "digits", "tiny-lm": "tiny-lm", "fixed-cost": "fixed-cost"}
+SERVED_NAME = {k: k for k in MODELS} | {"digits": "digits", "tiny-lm": "tiny-lm"}
 
 
 def _free_port() -> int:
