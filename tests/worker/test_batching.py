@@ -66,3 +66,19 @@ def test_one_task_after_a_lone_one_or_a_pause_runs_at_once() -> None:
     w.ran(0.001, 6)
     time.sleep(0.01)  # longer than a run and the window: the wave is over
     assert not w.should_wait(1)
+
+
+def test_a_wave_is_gathered_until_it_is_in_not_until_the_window_ends() -> None:
+    """Right after batches of 6 and 4, a wait gathers 6 tasks (the larger of the two waves
+    just answered) and ends; an idle worker's wait gathers a full batch."""
+    w = BatchWindow(max_batch=32, max_delay_s=0.010)
+    assert w.wave_size() == 32  # nothing ran: no wave
+    w.ran(0.030, 6)
+    w.ran(0.030, 4)
+    assert w.wave_size() == 6
+    w.ran(0.030, 5)
+    assert w.wave_size() == 5  # the 6 is two batches back
+    w = BatchWindow(max_batch=8, max_delay_s=0.001)
+    w.ran(0.001, 6)
+    time.sleep(0.01)  # longer than a run and the window: the wave is over
+    assert w.wave_size() == 8

@@ -129,6 +129,22 @@ def test_a_lone_task_starts_at_once(q: TaskQueue) -> None:
     assert model.batches == [[1]]
 
 
+def test_a_wave_runs_as_soon_as_it_is_in(q: TaskQueue) -> None:
+    """Closed-loop clients answered together send again together: right after a batch of 2,
+    a wait for more ends when 2 have come, not when the 60 s window does (the test would
+    time out)."""
+    model = Doubler(max_batch=8, delay_ms=60_000)
+    with Running(q, model) as worker:
+        _wait_finished(q, _submit(q, [0]))  # alone: at once; and a batch's run time is known
+        _wait_finished(q, _submit(q, [1, 2]))  # predict is faster than a wait could pay
+        worker.window.run_s = 60.0  # as if predict took a minute: waits may last the window
+        ids = _submit(q, [3])
+        ids += _submit(q, [4])
+        tasks = _wait_finished(q, ids)
+    assert all(t.status == TaskStatus.SUCCEEDED for t in tasks.values())
+    assert model.batches[-1] == [3, 4]
+
+
 class Slow(Doubler):
     """A Doubler whose every batch takes ``run_s``."""
 

@@ -15,6 +15,9 @@ is arriving, which the claims themselves show:
   feeds a moving average; while waits gain nothing (closed-loop clients that only send their
   next request after the answer), the worker runs at once and tries a wait again every
   ``PROBE_EVERY`` batches, so it notices when the load grows.
+- a wait in a wave ends as soon as the wave is in: as many tasks as the larger of the last two
+  batches (closed-loop clients answered together send that many again), rather than at the
+  window's end, which every batch of a closed loop short of ``max_batch`` would otherwise pay;
 - a wait never lasts longer than a batch takes to run (a moving average of ``predict``'s
   time): tasks that arrive after the batch started would be finished by a second batch as
   early as a longer wait would let the first one finish, and the tasks in hand would have
@@ -47,6 +50,7 @@ class BatchWindow:
         self.gain = 1.0  # moving average of tasks a wait added (optimistic at start)
         self.run_s: float | None = None  # moving average of a batch's predict time
         self._last_size = 0  # the last batch's tasks, and when it ended (monotonic)
+        self._size_before = 0  # the one before it
         self._last_end = 0.0
         self._skipped = 0
 
@@ -72,6 +76,14 @@ class BatchWindow:
             return True
         return False
 
+    def wave_size(self) -> int:
+        """How many tasks a wait gathers before it ends early: in a wave, the larger of the
+        last two batches (the wave that was just answered; two, so a wave that split once
+        can join up again); otherwise a full batch."""
+        if not self._in_a_wave():
+            return self.max_batch
+        return min(self.max_batch, max(self._last_size, self._size_before))
+
     def waited(self, added: int) -> None:
         """A wait is over: it added ``added`` tasks to the batch."""
         self.gain = moving_average(self.gain, added)
@@ -82,5 +94,6 @@ class BatchWindow:
 
     def ran(self, seconds: float, size: int) -> None:
         """A batch of ``size`` tasks ran: its ``predict`` took ``seconds``."""
+        self._size_before = self._last_size
         self._last_size, self._last_end = size, time.monotonic()
         self.run_s = moving_average(self.run_s, seconds)

@@ -228,8 +228,11 @@ class Worker:
         if not self.window.should_wait(len(batch)):
             return batch
         claimed = len(batch)
+        enough = self.window.wave_size()
+        if claimed >= enough:  # the wave is in already: nothing to wait for
+            return batch
         deadline = time.monotonic() + self.window.wait_s
-        while len(batch) < self.max_batch and not stop.is_set():
+        while len(batch) < enough and not stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
