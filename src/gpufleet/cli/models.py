@@ -25,12 +25,17 @@ from gpufleet.cli.context import console, err_console, print_json, reported_erro
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from gpufleet.models.manifest import ModelManifest
     from gpufleet.models.registry import Artifact, Registry
+    from gpufleet.models.validation import Trial
 
 app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
 )
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+TIMEOUT = typer.Option(
+    300.0, "--timeout", min=1, help="Seconds to build, load and try the model in."
+)
 INSECURE = typer.Option(
     None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
 )
@@ -73,13 +78,42 @@ def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] |
 @app.command("validate")
 def validate_cmd(
     model_dir: Path = typer.Argument(..., help="A model directory (or its model.yaml)."),
+    timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Check a model.yaml: every problem, with its path. Exit code 1 when there are any."""
+    """Check a model: its model.yaml, then build it in a child process, load it (on CPU
+    where it can), warm it up and run its example_input through predict. Every problem with
+    its place and fix; exit code 1 when there are any."""
+    from gpufleet.models.validation import try_model_dir
+
+    model_dir = model_dir.parent if model_dir.name == "model.yaml" else model_dir
+    manifest = _manifest_or_exit(model_dir, json_out)
+    trial = try_model_dir(model_dir, timeout=timeout)
+    spec = manifest.model
+    if json_out:
+        print_json(
+            {"valid": trial.ok, "path": str(model_dir), "manifest": manifest.to_data()}
+            | trial.to_dict()
+        )
+    else:
+        _print_trial(model_dir, manifest, trial)
+        if trial.ok:
+            console.print(
+                f"ok: {spec.name}@{spec.version} ({spec.format}, {spec.precision.value}, "
+                f"gpu {spec.resources.gpu.mode}); " + _trial_summary(trial),
+                markup=False,
+                highlight=False,
+            )
+    if not trial.ok:
+        raise typer.Exit(1)
+
+
+def _manifest_or_exit(model_dir: Path, json_out: bool) -> ModelManifest:
+    """The model.yaml of ``model_dir``, or every problem in it and exit code 1."""
     from gpufleet.models.manifest import ModelManifest
 
     try:
-        manifest = ModelManifest.from_yaml(model_dir)
+        return ModelManifest.from_yaml(model_dir)
     except InvalidInput as exc:
         problems = exc.details.get("problems") or [exc.message]
         if json_out:
@@ -89,16 +123,34 @@ def validate_cmd(
         for p in problems:
             err_console.print(f"{source}: {p}", markup=False, highlight=False)
         raise typer.Exit(1) from None
-    spec = manifest.model
-    if json_out:
-        print_json({"valid": True, "path": str(model_dir), "manifest": manifest.to_data()})
-        return
-    console.print(
-        f"ok: {spec.name}@{spec.version} ({spec.format}, {spec.precision.value}, "
-        f"gpu {spec.resources.gpu.mode})",
-        markup=False,
-        highlight=False,
+
+
+def _print_trial(model_dir: Path, manifest: ModelManifest, trial: Trial) -> None:
+    """Each problem on its line, after the file to fix (model.yaml for its fields, the
+    runner's file for its methods), the model's own traceback frames indented under it;
+    then the notes."""
+    runtime = (manifest.model.runtime or "").split(":")
+    code = runtime[1] if len(runtime) == 3 and runtime[1].endswith(".py") else "model.yaml"
+    for p in trial.problems:
+        where = model_dir / ("model.yaml" if p.where.startswith("model") else code)
+        err_console.print(f"{where}: {p.line()}", markup=False, highlight=False)
+        for line in p.traceback.splitlines():
+            err_console.print(f"    {line}", markup=False, highlight=False)
+    for note in trial.notes:
+        err_console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def _trial_summary(trial: Trial) -> str:
+    if trial.device is None:
+        return "built, not loaded (see the note)"
+    tried = (
+        "predict answered the example_input (alone, then in a batch of 2)"
+        if trial.predicted > 1
+        else "predict answered the example_input"
+        if trial.predicted
+        else "predict not tried (see the note)"
     )
+    return f"built, loaded on {trial.device}, {tried}"
 
 
 @app.command("package")
@@ -106,10 +158,34 @@ def package_cmd(
     ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="A model directory with a model.yaml."),
     tag: list[str] = typer.Option([], "--tag", "-t", help="Also point this tag at it."),
+    check: bool = typer.Option(
+        True,
+        "--check/--no-check",
+        help="Try the model first, as validate does (--no-check: model.yaml only).",
+    ),
+    timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Store a model directory as an immutable version in the local registry."""
+    """Store a model directory as an immutable version in the local registry, after trying
+    it as `validate` does: a model that fails is not stored."""
     settings = state(ctx).settings
+    if check and model_dir.is_dir():
+        from gpufleet.models.validation import try_model_dir
+
+        manifest = _manifest_or_exit(model_dir, json_out)
+        trial = try_model_dir(model_dir, timeout=timeout)
+        if not trial.ok:
+            if json_out:
+                print_json({"valid": False, "path": str(model_dir)} | trial.to_dict())
+            else:
+                _print_trial(model_dir, manifest, trial)
+                err_console.print(
+                    "not packaged: fix the problems above (gpufleet models validate "
+                    f"{model_dir} checks again)",
+                    markup=False,
+                    highlight=False,
+                )
+            raise typer.Exit(1)
     with reported_errors():
         if not model_dir.is_dir():
             raise InvalidInput(f"{model_dir} is not a directory")
