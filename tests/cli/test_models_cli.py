@@ -164,3 +164,11 @@ def test_pull_refuses_a_manifest_its_blobs_contradict(cli: Any, tmp_path: Path) 
         assert pulled.output.startswith("integrity_error:") and "blake3" in pulled.output
         listed = runner.invoke(app, ["models", "list", "--json"], env=env)
         assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
+@pytest.mark.parametrize("name", ["text-stats", "slow-diffusion", "digit-classifier"])
+def test_validate_passes_on_every_example(cli: Any, name: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / name
+    out = cli("validate", str(example))
+    assert out.exit_code == 0, out.output
+    assert "loaded on cpu, predict answered the example_input" in out.output
