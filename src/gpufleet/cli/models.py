@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gpufleet.cli.context import console, err_console, print_json, reported_errors, state
+from gpufleet.cli.models_init import init_cmd
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
 )
+app.command("init")(init_cmd)
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 TIMEOUT = typer.Option(
     300.0, "--timeout", min=1, help="Seconds to build, load and try the model in."
