@@ -83,9 +83,11 @@ def validate_cmd(
     timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Check a model: its model.yaml, then build it in a child process, load it (on CPU
-    where it can), warm it up and run its example_input through predict. Every problem with
-    its place and fix; exit code 1 when there are any."""
+    """Check a model.yaml, then build and try the model; exit code 1 on problems.
+
+    The model is built in a child process, loaded (on CPU where it can), warmed up, and its
+    example_input run through predict. Every problem comes with its place and fix.
+    """
     from gpufleet.models.validation import try_model_dir
 
     model_dir = model_dir.parent if model_dir.name == "model.yaml" else model_dir
@@ -168,8 +170,10 @@ def package_cmd(
     timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Store a model directory as an immutable version in the local registry, after trying
-    it as `validate` does: a model that fails is not stored."""
+    """Store a model directory as an immutable version in the local registry.
+
+    The model is tried first, as `validate` does: a model that fails is not stored.
+    """
     settings = state(ctx).settings
     if check and model_dir.is_dir():
         from gpufleet.models.validation import try_model_dir

@@ -18,7 +18,10 @@ def init_cmd(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Write a model directory that serves as it is, every field explained in comments."""
+    """Write a new model directory that serves as it is.
+
+    Every model.yaml field and runner method is explained in comments.
+    """
     from gpufleet.models.templates import write_template
 
     target = directory if directory is not None else Path(name)

@@ -1,9 +1,10 @@
 """Model directories: a folder with a ``model.yaml`` beside the model's files, loaded into a
 ``ModelRunner``; and the built-in models, which need no directory.
 
-``format: python`` imports the runner class named by ``runtime``; the other formats are
-built by ``gpufleet.models.formats``. Every mistake is an ``InvalidInput`` naming the file and
-the field.
+``format: python`` imports the class named by ``runtime``, which needs only ``predict``:
+name, version, description, batching, input schema and example come from ``model.yaml``
+(class values are defaults). The other formats are built by ``gpufleet.models.formats``.
+Every mistake is an ``InvalidInput`` naming the file and the field.
 """
 
 from __future__ import annotations
