@@ -22,13 +22,12 @@ from rich.progress import (
 from rich.table import Table
 
 from gpufleet.cli.context import console, err_console, print_json, reported_errors, state
+from gpufleet.cli.model_trial import manifest_or_exit, print_trial, trial_summary
 from gpufleet.cli.models_init import init_cmd
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from gpufleet.models.manifest import ModelManifest
     from gpufleet.models.registry import Artifact, Registry
-    from gpufleet.models.validation import Trial
 
 app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
@@ -91,7 +90,7 @@ def validate_cmd(
     from gpufleet.models.validation import try_model_dir
 
     model_dir = model_dir.parent if model_dir.name == "model.yaml" else model_dir
-    manifest = _manifest_or_exit(model_dir, json_out)
+    manifest = manifest_or_exit(model_dir, json_out)
     trial = try_model_dir(model_dir, timeout=timeout)
     spec = manifest.model
     if json_out:
@@ -100,61 +99,16 @@ def validate_cmd(
             | trial.to_dict()
         )
     else:
-        _print_trial(model_dir, manifest, trial)
+        print_trial(model_dir, manifest, trial)
         if trial.ok:
             console.print(
                 f"ok: {spec.name}@{spec.version} ({spec.format}, {spec.precision.value}, "
-                f"gpu {spec.resources.gpu.mode}); " + _trial_summary(trial),
+                f"gpu {spec.resources.gpu.mode}); " + trial_summary(trial),
                 markup=False,
                 highlight=False,
             )
     if not trial.ok:
         raise typer.Exit(1)
-
-
-def _manifest_or_exit(model_dir: Path, json_out: bool) -> ModelManifest:
-    """The model.yaml of ``model_dir``, or every problem in it and exit code 1."""
-    from gpufleet.models.manifest import ModelManifest
-
-    try:
-        return ModelManifest.from_yaml(model_dir)
-    except InvalidInput as exc:
-        problems = exc.details.get("problems") or [exc.message]
-        if json_out:
-            print_json({"valid": False, "path": str(model_dir), "problems": problems})
-            raise typer.Exit(1) from None
-        source = exc.details.get("path", str(model_dir))
-        for p in problems:
-            err_console.print(f"{source}: {p}", markup=False, highlight=False)
-        raise typer.Exit(1) from None
-
-
-def _print_trial(model_dir: Path, manifest: ModelManifest, trial: Trial) -> None:
-    """Each problem on its line, after the file to fix (model.yaml for its fields, the
-    runner's file for its methods), the model's own traceback frames indented under it;
-    then the notes."""
-    runtime = (manifest.model.runtime or "").split(":")
-    code = runtime[1] if len(runtime) == 3 and runtime[1].endswith(".py") else "model.yaml"
-    for p in trial.problems:
-        where = model_dir / ("model.yaml" if p.where.startswith("model") else code)
-        err_console.print(f"{where}: {p.line()}", markup=False, highlight=False)
-        for line in p.traceback.splitlines():
-            err_console.print(f"    {line}", markup=False, highlight=False)
-    for note in trial.notes:
-        err_console.print(f"note: {note}", markup=False, highlight=False)
-
-
-def _trial_summary(trial: Trial) -> str:
-    if trial.device is None:
-        return "built, not loaded (see the note)"
-    tried = (
-        "predict answered the example_input (alone, then in a batch of 2)"
-        if trial.predicted > 1
-        else "predict answered the example_input"
-        if trial.predicted
-        else "predict not tried (see the note)"
-    )
-    return f"built, loaded on {trial.device}, {tried}"
 
 
 @app.command("package")
@@ -178,13 +132,13 @@ def package_cmd(
     if check and model_dir.is_dir():
         from gpufleet.models.validation import try_model_dir
 
-        manifest = _manifest_or_exit(model_dir, json_out)
+        manifest = manifest_or_exit(model_dir, json_out)
         trial = try_model_dir(model_dir, timeout=timeout)
         if not trial.ok:
             if json_out:
                 print_json({"valid": False, "path": str(model_dir)} | trial.to_dict())
             else:
-                _print_trial(model_dir, manifest, trial)
+                print_trial(model_dir, manifest, trial)
                 err_console.print(
                     "not packaged: fix the problems above (gpufleet models validate "
                     f"{model_dir} checks again)",
