@@ -74,6 +74,9 @@ def test_package_stores_nothing_for_a_model_that_fails(cli: Any, tmp_path: Path)
     assert "predict: raised KeyError: 'x' on a batch of 1" in out.output
     assert "not packaged: fix the problems above" in out.output
     assert json.loads(cli("list", "--json").stdout) == []
+    unchecked = json.loads(cli("package", str(model), "--no-check", "--json").stdout)
+    assert (unchecked["name"], unchecked["version"]) == ("scale", "1.0.0")  # model.yaml only
+    assert cli("rm", "scale@1.0.0").exit_code == 0
     yaml_text = (model / "model.yaml").read_text()
     (model / "model.yaml").write_text(yaml_text.replace("{y: 2}", "{x: 2}"))
     (model / "link.txt").symlink_to("/etc/passwd")
