@@ -62,6 +62,7 @@ def test_slow_diffusion_reaches_its_target_in_the_steps_asked(served: Serve) -> 
         assert out["steps"] == 6 and len(out["trace"]) == 6
         assert out["trace"][-1] == 0.0 and out["trace"][0] > out["trace"][-1]
         assert len(out["image"]) == 8 and all(0 <= v <= 255 for row in out["image"] for v in row)
+        assert "batch of 1: step 6/6" in served.output()  # its progress, in the worker's log
         bad = c.post("/v1/models/slow-diffusion/infer", json={"input": {"steps": 500}})
     assert bad.status_code == 422 and "input.steps" in bad.json()["error"]["message"]
 
