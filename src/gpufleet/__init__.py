@@ -30,6 +30,7 @@ from gpufleet.errors import (
 
 if TYPE_CHECKING:
     from gpufleet.client import AsyncClient, Client
+    from gpufleet.models import ItemError, Model, ModelRunner
     from gpufleet.models.manifest import ModelManifest
 
 __version__ = "0.1.0"
@@ -46,6 +47,10 @@ def __getattr__(name: str) -> object:
         from gpufleet.models.manifest import ModelManifest
 
         return ModelManifest
+    if name in ("Model", "ModelRunner", "ItemError"):
+        from gpufleet import models
+
+        return getattr(models, name)
     raise AttributeError(f"module 'gpufleet' has no attribute {name!r}")
 
 
@@ -61,8 +66,11 @@ __all__ = [
     "InsufficientGpu",
     "IntegrityError",
     "InvalidInput",
+    "ItemError",
     "LeaseLost",
+    "Model",
     "ModelManifest",
+    "ModelRunner",
     "MpsUnavailable",
     "NotFound",
     "PayloadTooLarge",

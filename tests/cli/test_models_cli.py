@@ -49,6 +49,44 @@ def test_validate_ok_and_every_problem_on_its_own_line(cli: Any, tmp_path: Path)
     assert as_json["valid"] is False and len(as_json["problems"]) == 2
 
 
+def test_validate_builds_loads_and_tries_the_model(cli: Any, tmp_path: Path) -> None:
+    extra = "  example_input: {x: 2}\n  resources: {gpu: {mode: none}}\n"
+    model = make_scale_model(tmp_path / "m", extra=extra)
+    ok = cli("validate", str(model))
+    assert ok.exit_code == 0, ok.output
+    assert "built, loaded on cpu, predict answered the example_input" in ok.output
+    (model / "weights.safetensors").unlink()
+    bad = cli("validate", str(model / "model.yaml"))
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    first, *frames = bad.output.strip().splitlines()
+    assert first.startswith(f"{model / 'runner.py'}: load: load('cpu') raised ")
+    assert frames[0].strip().startswith('File "runner.py", line') and "in load" in frames[0]
+    as_json = json.loads(cli("validate", str(model), "--json").stdout)
+    assert as_json["valid"] is False
+    assert as_json["problems"][0].startswith("load: load('cpu') raised")
+    assert as_json["details"][0]["where"] == "load" and as_json["device"] is None
+
+
+def test_package_stores_nothing_for_a_model_that_fails(cli: Any, tmp_path: Path) -> None:
+    model = make_scale_model(tmp_path / "m", extra="  example_input: {y: 2}\n")
+    out = cli("package", str(model))
+    assert out.exit_code == 1
+    assert "predict: raised KeyError: 'x' on a batch of 1" in out.output
+    assert "not packaged: fix the problems above" in out.output
+    assert json.loads(cli("list", "--json").stdout) == []
+    unchecked = json.loads(cli("package", str(model), "--no-check", "--json").stdout)
+    assert (unchecked["name"], unchecked["version"]) == ("scale", "1.0.0")  # model.yaml only
+    assert cli("rm", "scale@1.0.0").exit_code == 0
+    yaml_text = (model / "model.yaml").read_text()
+    (model / "model.yaml").write_text(yaml_text.replace("{y: 2}", "{x: 2}"))
+    (model / "link.txt").symlink_to("/etc/passwd")
+    refused = cli("package", str(model))
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert "link.txt -> /etc/passwd (outside" in refused.output
+    assert json.loads(cli("list", "--json").stdout) == []
+
+
 def test_package_list_show_tag_rm_gc(cli: Any, tmp_path: Path) -> None:
     packaged = json.loads(cli("package", str(make_scale_model(tmp_path / "a")), "--json").stdout)
     assert packaged["name"] == "scale" and packaged["digest"].startswith("sha256:")
@@ -129,3 +167,11 @@ def test_pull_refuses_a_manifest_its_blobs_contradict(cli: Any, tmp_path: Path) 
         assert pulled.output.startswith("integrity_error:") and "blake3" in pulled.output
         listed = runner.invoke(app, ["models", "list", "--json"], env=env)
         assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
+@pytest.mark.parametrize("name", ["text-stats", "slow-diffusion", "digit-classifier"])
+def test_validate_passes_on_every_example(cli: Any, name: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / name
+    out = cli("validate", str(example))
+    assert out.exit_code == 0, out.output
+    assert "loaded on cpu, predict answered the example_input" in out.output

@@ -189,6 +189,49 @@ def test_files_listed_in_model_yaml_limit_the_package(tmp_path: Path, registry: 
         registry.package(model)
 
 
+def test_symlinks_that_leave_the_directory_are_refused_before_anything_is_stored(
+    tmp_path: Path, registry: Registry
+) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    model = make_scale_model(tmp_path / "m")
+    (model / "link.txt").symlink_to(outside)
+    (model / "sub").mkdir()
+    (model / "sub" / "up").symlink_to("..")
+    (model / "gone").symlink_to(tmp_path / "nothing")
+    (model / "etc").symlink_to(tmp_path)
+    with pytest.raises(InvalidInput) as caught:
+        registry.package(model)
+    problems = caught.value.details["problems"]
+    assert problems == [
+        f"etc -> {tmp_path} (outside {model.resolve()})",
+        f"gone -> {tmp_path / 'nothing'} (points at nothing)",
+        f"link.txt -> {outside} (outside {model.resolve()})",
+        "sub/up -> .. (a loop: it points at a directory that holds it)",
+    ]
+    assert "Copy the files into the directory" in caught.value.message
+    assert not registry.blobs.exists() or not any(registry.blobs.iterdir())
+    listed = make_scale_model(tmp_path / "n", extra="  files: [{path: link.txt}]\n")
+    (listed / "link.txt").symlink_to(outside)
+    with pytest.raises(InvalidInput, match=r"link\.txt -> .*secret\.txt \(outside"):
+        registry.package(listed)
+
+
+def test_symlinks_inside_the_directory_are_stored_as_their_files(
+    tmp_path: Path, registry: Registry
+) -> None:
+    model = make_scale_model(tmp_path / "m")
+    (model / "data").mkdir()
+    (model / "data" / "labels.txt").write_text("cat\ndog\n")
+    (model / "labels.txt").symlink_to("data/labels.txt")
+    (model / "shared").symlink_to("data")
+    a = registry.package(model)
+    paths = [f.path for f in a.files]
+    assert {"labels.txt", "data/labels.txt", "shared/labels.txt"} <= set(paths)
+    checkout = registry.checkout(a.ref).path
+    assert (checkout / "labels.txt").read_text() == "cat\ndog\n"
+
+
 def test_reference_syntax(tmp_path: Path) -> None:
     assert split_ref("digits@1.0") == ("digits", "1.0")
     assert split_ref("digits:stable") == ("digits", "stable")

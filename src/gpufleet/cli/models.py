@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 
 from gpufleet.cli.context import console, err_console, print_json, reported_errors, state
+from gpufleet.cli.model_trial import manifest_or_exit, print_trial, trial_summary
+from gpufleet.cli.models_init import init_cmd
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -30,7 +32,11 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
 )
+app.command("init")(init_cmd)
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+TIMEOUT = typer.Option(
+    300.0, "--timeout", min=1, help="Seconds to build, load and try the model in."
+)
 INSECURE = typer.Option(
     None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
 )
@@ -73,32 +79,36 @@ def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int], None] |
 @app.command("validate")
 def validate_cmd(
     model_dir: Path = typer.Argument(..., help="A model directory (or its model.yaml)."),
+    timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Check a model.yaml: every problem, with its path. Exit code 1 when there are any."""
-    from gpufleet.models.manifest import ModelManifest
+    """Check a model.yaml, then build and try the model; exit code 1 on problems.
 
-    try:
-        manifest = ModelManifest.from_yaml(model_dir)
-    except InvalidInput as exc:
-        problems = exc.details.get("problems") or [exc.message]
-        if json_out:
-            print_json({"valid": False, "path": str(model_dir), "problems": problems})
-            raise typer.Exit(1) from None
-        source = exc.details.get("path", str(model_dir))
-        for p in problems:
-            err_console.print(f"{source}: {p}", markup=False, highlight=False)
-        raise typer.Exit(1) from None
+    The model is built in a child process, loaded (on CPU where it can), warmed up, and its
+    example_input run through predict. Every problem comes with its place and fix.
+    """
+    from gpufleet.models.validation import try_model_dir
+
+    model_dir = model_dir.parent if model_dir.name == "model.yaml" else model_dir
+    manifest = manifest_or_exit(model_dir, json_out)
+    trial = try_model_dir(model_dir, timeout=timeout)
     spec = manifest.model
     if json_out:
-        print_json({"valid": True, "path": str(model_dir), "manifest": manifest.to_data()})
-        return
-    console.print(
-        f"ok: {spec.name}@{spec.version} ({spec.format}, {spec.precision.value}, "
-        f"gpu {spec.resources.gpu.mode})",
-        markup=False,
-        highlight=False,
-    )
+        print_json(
+            {"valid": trial.ok, "path": str(model_dir), "manifest": manifest.to_data()}
+            | trial.to_dict()
+        )
+    else:
+        print_trial(model_dir, manifest, trial)
+        if trial.ok:
+            console.print(
+                f"ok: {spec.name}@{spec.version} ({spec.format}, {spec.precision.value}, "
+                f"gpu {spec.resources.gpu.mode}); " + trial_summary(trial),
+                markup=False,
+                highlight=False,
+            )
+    if not trial.ok:
+        raise typer.Exit(1)
 
 
 @app.command("package")
@@ -106,10 +116,36 @@ def package_cmd(
     ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="A model directory with a model.yaml."),
     tag: list[str] = typer.Option([], "--tag", "-t", help="Also point this tag at it."),
+    check: bool = typer.Option(
+        True,
+        "--check/--no-check",
+        help="Try the model first, as validate does (--no-check: model.yaml only).",
+    ),
+    timeout: float = TIMEOUT,
     json_out: bool = JSON,
 ) -> None:
-    """Store a model directory as an immutable version in the local registry."""
+    """Store a model directory as an immutable version in the local registry.
+
+    The model is tried first, as `validate` does: a model that fails is not stored.
+    """
     settings = state(ctx).settings
+    if check and model_dir.is_dir():
+        from gpufleet.models.validation import try_model_dir
+
+        manifest = manifest_or_exit(model_dir, json_out)
+        trial = try_model_dir(model_dir, timeout=timeout)
+        if not trial.ok:
+            if json_out:
+                print_json({"valid": False, "path": str(model_dir)} | trial.to_dict())
+            else:
+                print_trial(model_dir, manifest, trial)
+                err_console.print(
+                    "not packaged: fix the problems above (gpufleet models validate "
+                    f"{model_dir} checks again)",
+                    markup=False,
+                    highlight=False,
+                )
+            raise typer.Exit(1)
     with reported_errors():
         if not model_dir.is_dir():
             raise InvalidInput(f"{model_dir} is not a directory")

@@ -1,9 +1,10 @@
 """Model directories: a folder with a ``model.yaml`` beside the model's files, loaded into a
 ``ModelRunner``; and the built-in models, which need no directory.
 
-``format: python`` imports the runner class named by ``runtime``; the other formats are
-built by ``gpufleet.models.formats``. Every mistake is an ``InvalidInput`` naming the file and
-the field.
+``format: python`` imports the class named by ``runtime``, which needs only ``predict``:
+name, version, description, batching, input schema and example come from ``model.yaml``
+(class values are defaults). The other formats are built by ``gpufleet.models.formats``.
+Every mistake is an ``InvalidInput`` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def load_model_dir(path: str | Path, manifest: ModelManifest | None = None) -> M
     if spec.format != "python":
         from gpufleet.models.formats import create_runner
 
-        return create_runner(
+        built = create_runner(
             model_dir,
             format=spec.format,
             name=spec.name,
@@ -51,32 +52,76 @@ def load_model_dir(path: str | Path, manifest: ModelManifest | None = None) -> M
             if spec.batching
             else None,
         )
+        if spec.input_schema:
+            built.info = replace(built.info, input_schema=spec.input_schema)
+        return built
     assert spec.runtime is not None  # the schema requires it for format python
     runner_class = _import_runtime(model_dir, yaml_path, spec.runtime)
-    runner: ModelRunner = _instantiate(runner_class, model_dir, yaml_path, spec.runtime)
-    missing = [
-        n for n in ("info", "batching", "load", "warmup", "predict") if not hasattr(runner, n)
-    ]
-    if (
-        missing
-        or not isinstance(runner.info, ModelInfo)
-        or not isinstance(runner.batching, Batching)
-    ):
+    runner: Any = _instantiate(runner_class, model_dir, yaml_path, spec.runtime)
+    predict = getattr(runner_class, "predict", None)
+    if not callable(predict) or predict is ModelRunner.predict:
         raise _invalid(
             yaml_path,
             "model.runtime",
-            f"{spec.runtime} does not implement gpufleet.ModelRunner: it needs `info: ModelInfo`, "
-            f"`batching: Batching`, load(), warmup() and predict()"
-            + (f"; missing: {', '.join(missing)}" if missing else ""),
+            f"{spec.runtime} does not implement gpufleet.ModelRunner: it has no "
+            "predict(self, inputs) method; define one that takes a list of inputs and returns "
+            "one output per input (subclass gpufleet.Model for the rest)",
         )
-    runner.info = replace(
-        runner.info,
+    for name, default in (("load", _no_load), ("warmup", _no_warmup)):
+        if not callable(getattr(runner, name, None)):  # optional in the contract
+            setattr(runner, name, default)
+    code_info = getattr(runner, "info", None)
+    code_info = code_info if isinstance(code_info, ModelInfo) else ModelInfo(spec.name, "")
+    code_batching = getattr(runner, "batching", None)
+    code_batching = code_batching if isinstance(code_batching, Batching) else Batching()
+    info = replace(
+        code_info,
         name=spec.name,
         version=spec.version,
-        description=spec.description or runner.info.description,
+        description=spec.description or code_info.description,
+        input_schema=spec.input_schema
+        or _input_model_schema(runner, yaml_path, spec.runtime)
+        or code_info.input_schema,
+        example_input=code_info.example_input if spec.example_input is None else spec.example_input,
     )
-    runner.batching = _batching(runner.batching, spec, yaml_path)
-    return runner
+    try:
+        runner.info = info
+        runner.batching = _batching(code_batching, spec, yaml_path)
+    except AttributeError as exc:  # a read-only property or __slots__ without them
+        raise _invalid(
+            yaml_path,
+            "model.runtime",
+            f"{spec.runtime}: cannot set its info / batching ({exc}); make them plain "
+            "attributes, or leave them out and let model.yaml give them",
+        ) from exc
+    checked: ModelRunner = runner
+    return checked
+
+
+def _no_load(device: str) -> None:
+    """``load`` of a class without one: its weights (if any) came with the constructor."""
+
+
+def _no_warmup() -> None:
+    """``warmup`` of a class without one."""
+
+
+def _input_model_schema(runner: Any, yaml_path: Path, runtime: str) -> dict[str, Any]:
+    """The JSON Schema of the class's ``input_model`` (a pydantic model), {} without one."""
+    input_model = getattr(runner, "input_model", None)
+    if input_model is None:
+        return {}
+    from pydantic import BaseModel
+
+    if not (inspect.isclass(input_model) and issubclass(input_model, BaseModel)):
+        raise _invalid(
+            yaml_path,
+            "model.runtime",
+            f"{runtime}.input_model must be a pydantic BaseModel subclass (the fields of one "
+            f"input), got {input_model!r}; or give model.input_schema in model.yaml",
+        )
+    schema: dict[str, Any] = input_model.model_json_schema()
+    return schema
 
 
 def _batching(base: Batching, spec: ModelSpec, yaml_path: Path) -> Batching:
@@ -152,6 +197,11 @@ def _instantiate(runner_class: type, model_dir: Path, yaml_path: Path, runtime: 
         inspect.signature(runner_class).bind(model_dir)
         args: tuple[Path, ...] = (model_dir,)
     except (TypeError, ValueError):  # takes no argument, or has no signature to inspect
+        args = ()
+    # A class that subclasses the ModelRunner Protocol without a constructor of its own gets
+    # typing's placeholder, whose signature takes anything but which object() then refuses.
+    init = vars(runner_class).get("__init__") or getattr(runner_class, "__init__", None)
+    if getattr(init, "__name__", "") == "_no_init_or_replace_init":
         args = ()
     try:
         return runner_class(*args)

@@ -170,6 +170,9 @@ class ModelSpec(_Section):
     # One input that works as is: published by GET /v1/models, and for torchscript models the
     # dtypes of the inputs (whole numbers: int64).
     example_input: Any = None
+    # JSON Schema of one input: published by GET /v1/models and checked at submit. It replaces
+    # what the code publishes (a python class's input_model, a tensor model's shapes).
+    input_schema: dict[str, Any] | None = None
     files: list[FileEntry] = []
     batching: BatchingSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
@@ -186,6 +189,25 @@ class ModelSpec(_Section):
             raise ValueError(f'quote the version: YAML read it as the number {value}, write "..."')
         if isinstance(value, str) and value.startswith("sha256"):
             raise ValueError("a version must not look like a digest")
+        return value
+
+    @field_validator("input_schema")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not value:
+            return value
+        import jsonschema  # only for a model.yaml that has a schema
+
+        validator = jsonschema.validators.validator_for(
+            value, default=jsonschema.Draft202012Validator
+        )
+        try:
+            validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "the top"
+            raise ValueError(
+                f"not valid JSON Schema: {exc.message} (at {where}); see https://json-schema.org"
+            ) from None
         return value
 
     @model_validator(mode="after")
@@ -311,6 +333,10 @@ class ModelManifest(_Section):
     def to_data(self) -> dict[str, Any]:
         """Plain data (what the registry stores as the artifact's config), defaults included."""
         data = self.model_dump(mode="json")
+        if data["model"]["input_schema"] is None:
+            # Left out, as before the field existed: a version packaged then must keep the
+            # same config digest, or re-packaging it would be refused as other content.
+            del data["model"]["input_schema"]
         data["promote"]["tests"] = [str(g) for g in self.promote.tests]
         return data
 

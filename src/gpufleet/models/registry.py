@@ -537,8 +537,19 @@ class Registry:
 
 def _package_files(source: Path, listed: list[str]) -> list[str]:
     """The files a version holds: ``model.yaml`` plus the listed files, or every regular file
-    of the directory (hidden files and caches left out) when none are listed."""
+    of the directory (hidden files and caches left out) when none are listed.
+
+    A symlink is stored as the file it points at, under the link's path, when it stays inside
+    the directory; one that leaves it (``link.txt -> /etc/passwd``), points at nothing, or
+    loops back to a directory holding it is refused, every one named, before anything is
+    stored."""
+    root = source.resolve()
+    bad: list[str] = []
     if listed:
+        for rel in sorted({MODEL_FILE, *listed}):
+            bad += _link_problems(source, root, rel)
+        if bad:
+            raise _links_refused(source, bad)
         missing = [p for p in listed if not (source / p).is_file()]
         if missing:
             raise InvalidInput(
@@ -549,14 +560,54 @@ def _package_files(source: Path, listed: list[str]) -> list[str]:
         return sorted({MODEL_FILE, *listed})
     found = []
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        here = Path(dirpath)
+        kept = []
+        for d in sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")):
+            problems = _link_problems(source, root, (here / d).relative_to(source).as_posix())
+            bad += problems
+            if not problems:
+                kept.append(d)
+        dirnames[:] = kept
         for fname in filenames:
             if fname.startswith(".") or fname.endswith(".pyc"):
                 continue
-            path = Path(dirpath) / fname
-            if path.is_file():
+            path = here / fname
+            problems = _link_problems(source, root, path.relative_to(source).as_posix())
+            bad += problems
+            if not problems and path.is_file():
                 found.append(path.relative_to(source).as_posix())
+    if bad:
+        raise _links_refused(source, bad)
     return sorted(found)
+
+
+def _link_problems(source: Path, root: Path, rel: str) -> list[str]:
+    """``rel -> target (why)`` when ``rel`` (or a directory on its way) is a symlink that
+    leaves ``root``, dangles or loops; [] for a plain path or a link that stays inside."""
+    path = source / rel
+    if not path.is_symlink():
+        if path.exists() and not path.resolve().is_relative_to(root):  # via a linked parent
+            return [f"{rel} -> {path.resolve()} (outside {root})"]
+        return []
+    target = os.readlink(path)
+    real = Path(os.path.realpath(path))
+    if not real.exists():
+        return [f"{rel} -> {target} (points at nothing)"]
+    if not real.is_relative_to(root):
+        return [f"{rel} -> {target} (outside {root})"]
+    if real.is_dir() and path.parent.resolve().is_relative_to(real):
+        return [f"{rel} -> {target} (a loop: it points at a directory that holds it)"]
+    return []
+
+
+def _links_refused(source: Path, problems: list[str]) -> InvalidInput:
+    return InvalidInput(
+        f"{source}: refused to package symlinks that do not stay inside the model directory: "
+        + "; ".join(problems)
+        + ". Copy the files into the directory (or remove the links) and package again",
+        path=str(source),
+        problems=problems,
+    )
 
 
 def _layer(rec: FileRecord) -> dict[str, Any]:

@@ -13,6 +13,11 @@ batcher, with the same two knobs).
 
 ``input_schema`` / ``example_input`` describe what one input looks like: ``GET /v1/models``
 publishes both, and the example works as-is.
+
+A model's own code need not implement all of this: ``gpufleet.Model`` (``base.py``) is the
+class to subclass, and the loader fills ``info`` and ``batching`` from ``model.yaml`` and
+gives a class without ``load`` / ``warmup`` no-op ones. This protocol is what the platform
+types against.
 """
 
 from __future__ import annotations
