@@ -118,6 +118,9 @@ class TaskService:
     async def get(self, task_id: str, tenant: str | None = None) -> Task:
         return await asyncio.to_thread(self.queue.get, task_id, tenant)
 
+    async def queue_position(self, task: Task) -> tuple[int, int] | None:
+        return await asyncio.to_thread(self.queue.queue_position, task)
+
     async def result(self, task: Task) -> Any:
         """A succeeded task's result (from the blob store when it is large)."""
         if task.result_ref is None:
