@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gpufleet.cli.context import console, err_console, print_json, reported_errors, state
+from gpufleet.cli.tables import Col, print_table
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ app = typer.Typer(
     help="Model artifacts: model.yaml, the local registry, push and pull.", no_args_is_help=True
 )
 JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+LIST_COLUMNS = (
+    Col("name", min_width=8, fit_width=24), Col("version", min_width=7, fit_width=16),
+    Col("digest", keep=3), Col("size", keep=1, justify="right"), Col("created", keep=4),
+    Col("tags", keep=2, min_width=4, fit_width=16),
+)  # fmt: skip
 INSECURE = typer.Option(
     None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
 )
@@ -147,12 +153,9 @@ def list_cmd(
     if not versions:
         console.print("no models in the registry (gpufleet models package DIR adds one)")
         return
-    table = Table("name", "version", "digest", "size", "created", "tags")
-    for a in versions:
-        table.add_row(
-            a.name, a.version, a.digest[:19], _size(a.size), a.created[:19], ", ".join(a.tags)
-        )
-    console.print(table)
+    rows = [[a.name, a.version, a.digest[:19], _size(a.size), a.created[:19], ", ".join(a.tags)]
+            for a in versions]  # fmt: skip
+    print_table(console, LIST_COLUMNS, rows)
 
 
 @app.command("show")
