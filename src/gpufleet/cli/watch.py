@@ -136,10 +136,11 @@ def render(f: Frame, problem: str | None = None) -> Group:
         lanes = m.lanes or {"-": Lane()}
         for i, (lane_name, lane) in enumerate(sorted(lanes.items())):
             queued, running = queued + lane.queued, running + lane.running
-            table.add_row(
+            cells = [
                 name if i == 0 else "", lane_name, str(lane.queued), str(lane.running),
                 _age(lane.oldest_queued_s), workers if i == 0 else "", per_s if i == 0 else "",
-            )  # fmt: skip
+            ]  # fmt: skip
+            table.add_row(*map(Text, cells))  # Text: a name is never read as Rich markup
     head = Text(f"{f.url}  {f.at:%H:%M:%S}  ", no_wrap=True, overflow="ellipsis")
     head.append(f"queued {queued}, running {running}", style="bold")
     head.append(f", {rate:.1f} done/s" if rate is not None else ", done/s after the next read")
