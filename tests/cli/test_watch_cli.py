@@ -9,11 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gpufleet.cli.watch import Read, frame
+from gpufleet.wire import QueueView, WorkerCounts
 from tests.integration.serve_helpers import Serve, serving, wait_done
 
 pytestmark = pytest.mark.slow
@@ -38,11 +42,38 @@ def watch(served: Serve, *args: str, key: str | None = None) -> subprocess.Compl
                           check=False)  # fmt: skip
 
 
-def test_json_frame_after_tasks_ran(served: Serve) -> None:
+def finished(served: Serve) -> int:
+    with served.client() as c:
+        return int(c.get("/v1/queue").json()["finished"].get("digits", 0))
+
+
+def test_the_finished_counter_adds_up_the_worker_processes(served: Serve) -> None:
+    """What watch's rate is made of: the serve's worker process counts each task it ends."""
+    before = finished(served)
     with served.client() as c:
         ids = [c.post("/v1/tasks", json={"model": "digits", "input": SEVEN}).json()["id"]
                for _ in range(3)]  # fmt: skip
         wait_done(c, ids)
+    deadline = time.monotonic() + 30  # counted right after the result is committed
+    while finished(served) != before + 3:
+        assert time.monotonic() < deadline, (before, finished(served))
+        time.sleep(0.1)
+
+
+def test_the_rate_is_the_change_between_two_reads() -> None:
+    def read(at: float, done: int) -> Read:
+        view = QueueView(depth=[], workers={"digits": WorkerCounts(ready=1, total=2)},
+                         finished={"digits": done})  # fmt: skip
+        return Read(view, at, datetime.now(UTC))
+
+    f = frame("http://x", read(12.0, 130), read(10.0, 100))
+    assert f.interval_s == 2.0
+    assert f.models["digits"].finished_per_s == 15.0 and f.models["digits"].workers == (1, 2)
+    assert frame("http://x", read(12.0, 5), read(10.0, 100)).models["digits"].finished_per_s == 0
+    assert frame("http://x", read(12.0, 5), None).models["digits"].finished_per_s is None
+
+
+def test_json_frame(served: Serve) -> None:
     proc = watch(served, "--json", "--interval", "0.2")
     assert proc.returncode == 0, proc.stderr
     frame = json.loads(proc.stdout)
@@ -50,7 +81,7 @@ def test_json_frame_after_tasks_ran(served: Serve) -> None:
     digits = frame["models"]["digits"]
     assert digits["workers"] == {"ready": 1, "total": 1}
     assert isinstance(digits["finished_per_s"], float) and digits["finished_per_s"] >= 0
-    for lane in digits["lanes"].values():  # live tasks only: often none by now
+    for lane in digits["lanes"].values():  # live tasks only: often none here
         assert set(lane) == {"queued", "running", "oldest_queued_s"}
 
 
