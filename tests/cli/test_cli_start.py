@@ -45,6 +45,11 @@ def cli(*argv: str) -> str:
 def test_importing_the_client_leaves_the_server_out() -> None:
     loaded = modules_after("import gpufleet.client\nfrom gpufleet import Client, AsyncClient")
     assert "httpx" in loaded and "gpufleet" in loaded  # the probe saw the import
+    # httpx's own command line was left out, and can still be imported after.
+    assert modules_after(
+        "import gpufleet.client, sys\nassert 'httpx._main' not in sys.modules\n"
+        "import httpx._main\nassert callable(httpx._main.main)\nimport rich"
+    ) >= {"httpx", "rich"}
     assert not loaded & set(SERVER), loaded & set(SERVER)
     assert "pydantic_settings" not in loaded
 

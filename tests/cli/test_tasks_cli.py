@@ -55,6 +55,7 @@ def test_submit_prints_the_id_and_status_shows_the_task(cli: Any) -> None:
     text = cli("status", task_id)
     assert text.exit_code == 0
     assert task_id in text.stdout and "queued" in text.stdout and "priority 7" in text.stdout
+    assert f"position {view['queue_position']} of {view['queue_length']} in its lane" in text.stdout
 
 
 def test_submit_json_and_options(cli: Any) -> None:

@@ -243,6 +243,8 @@ def status(
     grid.add_row("model", f"{view.model} {view.version}")
     grid.add_row("lane", f"{view.lane} (priority {view.priority})")
     state = view.status + (", cancel requested" if view.cancel_requested else "")
+    if view.queue_position is not None:
+        state += f", position {view.queue_position} of {view.queue_length} in its lane"
     grid.add_row("status", state)
     grid.add_row("attempts", f"{view.attempts} of {view.max_attempts}")
     for name, at in (("created", view.created_at), ("started", view.started_at),
