@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 from gpufleet.errors import (
     ApiError,
     Conflict,
+    DatabaseNotFound,
+    DatabaseUnused,
     Forbidden,
     GpufleetError,
     IdempotencyConflict,
@@ -37,8 +39,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    # The clients import httpx and the API schemas: only when asked for, so that
-    # ``import gpufleet`` stays light.
+    # Imported when first asked for, so that ``import gpufleet`` (and with it every CLI call)
+    # stays light: the clients import httpx and pydantic, the manifest PyYAML. None of them
+    # imports the server (gpufleet.wire holds what the client shares with the API).
     if name in ("Client", "AsyncClient"):
         from gpufleet import client
 
@@ -59,6 +62,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "Conflict",
+    "DatabaseNotFound",
+    "DatabaseUnused",
     "Forbidden",
     "GpufleetError",
     "IdempotencyConflict",

@@ -8,10 +8,10 @@ the task's server-sent events rather than polling. The API key is sent, never lo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import (
     AsyncIterator,
@@ -25,21 +25,31 @@ from collections.abc import (
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import httpx
 from pydantic import BaseModel
 
-from gpufleet import __version__
-from gpufleet.api.schemas import (
-    BulkItem,
-    BulkSubmitted,
-    Health,
-    ModelList,
-    ResultView,
-    Submitted,
-    TaskList,
-    TaskView,
-)
-from gpufleet.errors import (
+
+def _import_httpx() -> None:
+    """httpx's ``__init__`` imports its command-line tool (``httpx._main``: Rich, Click,
+    Pygments) whenever those are installed, which they are beside gpufleet: two thirds of
+    httpx's import time, for a tool this process never runs. Refusing that one import makes
+    httpx fall back to its stub ``httpx.main``; the marker is removed at once, so a later
+    ``import httpx._main`` still works."""
+    if "httpx" in sys.modules:
+        return
+    sys.modules["httpx._main"] = None  # type: ignore[assignment]
+    try:
+        import httpx  # noqa: F401
+    finally:
+        if sys.modules.get("httpx._main", False) is None:
+            del sys.modules["httpx._main"]
+
+
+_import_httpx()
+
+import httpx  # noqa: E402
+
+from gpufleet import __version__  # noqa: E402
+from gpufleet.errors import (  # noqa: E402
     ApiError,
     Conflict,
     Forbidden,
@@ -59,6 +69,17 @@ from gpufleet.errors import (
     Unauthorized,
     Unavailable,
     WaitTimeout,
+)
+from gpufleet.wire import (  # noqa: E402
+    BulkItem,
+    BulkSubmitted,
+    Health,
+    ModelList,
+    QueueView,
+    ResultView,
+    Submitted,
+    TaskList,
+    TaskView,
 )
 
 __all__ = ["ApiError", "AsyncClient", "Client", "TaskCancelled", "TaskFailed", "WaitTimeout"]
@@ -412,6 +433,10 @@ class Client(_Base):
     def models(self) -> ModelList:
         return _check(self._send("GET", "/v1/models"), ModelList)
 
+    def queue(self) -> QueueView:
+        """Live tasks by model, lane and state; workers; tasks finished so far."""
+        return _check(self._send("GET", "/v1/queue"), QueueView)
+
     def health(self) -> Health:
         """Readiness; a 503 answer is a ``Health`` too (``status="unavailable"``)."""
         response = self._send("GET", "/healthz")
@@ -539,6 +564,8 @@ class AsyncClient(_Base):
     ) -> ResultView:
         """Follow the task's events until it ends (``WaitTimeout`` after ``timeout`` seconds),
         then fetch its outcome."""
+        import asyncio  # here, not at the top: a blocking client's import need not pay for it
+
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -578,6 +605,9 @@ class AsyncClient(_Base):
 
     async def models(self) -> ModelList:
         return _check(await self._send("GET", "/v1/models"), ModelList)
+
+    async def queue(self) -> QueueView:
+        return _check(await self._send("GET", "/v1/queue"), QueueView)
 
     async def health(self) -> Health:
         response = await self._send("GET", "/healthz")

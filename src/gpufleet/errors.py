@@ -4,7 +4,9 @@ GpufleetError                         code             HTTP
 ├── InvalidInput                      invalid_input    422
 │   └── PayloadTooLarge               payload_too_large 413
 ├── NotFound                          not_found        404
+│   └── DatabaseNotFound (CLI)        database_not_found
 ├── Conflict                          conflict         409
+│   ├── DatabaseUnused (CLI)          database_unused
 │   ├── IdempotencyConflict           idempotency_conflict
 │   ├── TaskFinished                  task_finished
 │   ├── TaskNotFinished               task_not_finished
@@ -73,9 +75,23 @@ class NotFound(GpufleetError):
     http_status = 404
 
 
+class DatabaseNotFound(NotFound):
+    """The CLI found no gpufleet database where the settings point (no file there, or no
+    gpufleet tables in it); the message names the place and how to point elsewhere."""
+
+    code = "database_not_found"
+
+
 class Conflict(GpufleetError):
     code = "conflict"
     http_status = 409
+
+
+class DatabaseUnused(Conflict):
+    """``keys create`` on a database no server has used (no keys, no tasks): likely not the
+    server's. It goes ahead only when told to (``--init``)."""
+
+    code = "database_unused"
 
 
 class IdempotencyConflict(Conflict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -74,13 +75,22 @@ def test_db_status_on_a_fresh_data_dir_says_it_is_behind(data_dir: Path) -> None
     assert "behind" in proc.stdout
     assert "gpufleet db upgrade" in proc.stdout
     assert head_revision() in proc.stdout
+    assert str(data_dir / "gpufleet.db") in proc.stdout and "no database here" in proc.stdout
+    assert not data_dir.exists()  # looking created nothing
+    status = json.loads(run_cli(data_dir, "db", "status", "--json").stdout)
+    assert (status["exists"], status["current"], status["pending"]) == (False, None, True)
 
 
 def test_db_upgrade_then_status_is_up_to_date(data_dir: Path) -> None:
     proc = run_cli(data_dir, "db", "upgrade", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"from": None, "to": head_revision(), "head": head_revision()}
+    assert json.loads(proc.stdout) == {
+        "database": f"sqlite:///{data_dir / 'gpufleet.db'}", "from": None, "to": head_revision(),
+        "head": head_revision(),
+    }  # fmt: skip
     assert (data_dir / "gpufleet.db").is_file()
+    again = run_cli(data_dir, "db", "upgrade")
+    assert again.returncode == 0 and str(data_dir / "gpufleet.db") in again.stdout
 
     proc = run_cli(data_dir, "db", "status", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -90,14 +100,39 @@ def test_db_upgrade_then_status_is_up_to_date(data_dir: Path) -> None:
     assert str(data_dir / "gpufleet.db") in status["database"]
 
 
-def test_queue_stats_on_an_empty_queue(tmp_path: Path, data_dir: Path) -> None:
-    # --data-dir wins over GPUFLEET_DATA_DIR (which run_cli sets to data_dir).
-    other = tmp_path / "other"
-    proc = run_cli(data_dir, "--data-dir", str(other), "queue", "stats", "--json")
+def test_queue_stats_on_an_empty_queue_names_the_database(tmp_path: Path, migrated: Path) -> None:
+    # --data-dir wins over GPUFLEET_DATA_DIR (which run_cli sets to elsewhere).
+    elsewhere = tmp_path / "elsewhere"
+    proc = run_cli(elsewhere, "--data-dir", str(migrated), "queue", "stats", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
-    assert (other / "gpufleet.db").is_file()
+    assert not elsewhere.exists()
+    text = run_cli(elsewhere, "--data-dir", str(migrated), "queue", "stats")
+    assert (
+        text.stdout.strip()
+        == f"the queue is empty ({migrated / 'gpufleet.db'} (the data dir's database))"
+    )
+
+
+@pytest.mark.parametrize("command", [["queue", "stats"], ["queue", "recover"]], ids=" ".join)
+def test_queue_commands_never_create_a_database(data_dir: Path, command: list[str]) -> None:
+    """A wrong or missing data dir is said, with the path and how to point elsewhere: an empty
+    answer from a database made on the spot would look like the truth."""
+    proc = run_cli(data_dir, *command, "--json")
+    assert_one_clean_error_line(proc, "database_not_found: no gpufleet database at ")
+    assert str(data_dir / "gpufleet.db") in proc.stderr
+    for way in ("--data-dir", "GPUFLEET_DATA_DIR", "GPUFLEET_DATABASE_URL"):
+        assert way in proc.stderr
+    assert proc.stdout == ""
     assert not data_dir.exists()
+
+
+def test_a_sqlite_file_without_gpufleet_tables_is_refused(tmp_path: Path) -> None:
+    stray = tmp_path / "other.db"
+    sqlite3.connect(stray).close()  # an empty SQLite file, not gpufleet's
+    proc = run_cli(tmp_path, "--database-url", f"sqlite:///{stray}", "queue", "stats")
+    assert_one_clean_error_line(proc, "database_not_found: ")
+    assert f"sqlite:///{stray} holds no gpufleet tables" in proc.stderr
 
 
 def test_queue_stats_shows_submitted_tasks(migrated: Path) -> None:

@@ -55,6 +55,7 @@ def test_submit_prints_the_id_and_status_shows_the_task(cli: Any) -> None:
     text = cli("status", task_id)
     assert text.exit_code == 0
     assert task_id in text.stdout and "queued" in text.stdout and "priority 7" in text.stdout
+    assert f"position {view['queue_position']} of {view['queue_length']} in its lane" in text.stdout
 
 
 def test_submit_json_and_options(cli: Any) -> None:
@@ -71,11 +72,24 @@ def test_submit_json_and_options(cli: Any) -> None:
     assert view["lane"] == "batch" and view["webhook_url"] == "http://127.0.0.1:9/hook"
 
 
+def progress_lines(stderr: str) -> tuple[str, list[str]]:
+    """(the task id, its states) from ``submit --wait``'s plain lines (stderr no terminal)."""
+    lines = stderr.strip().splitlines()
+    task_id = lines[0].split()[0]
+    assert all(line.startswith(f"{task_id} ") for line in lines), stderr
+    return task_id, [line.removeprefix(f"{task_id} ") for line in lines]
+
+
 def test_submit_wait_prints_the_result(cli: Any) -> None:
     done = cli("submit", "echo", "--input", '{"text": "hello"}', "--wait")
     assert done.exit_code == 0, done.stderr
-    assert json.loads(done.stdout) == {"echo": "hello"}
-    assert done.stderr == ""  # progress shows on a terminal only
+    assert json.loads(done.stdout) == {"echo": "hello"}  # stdout: the result alone
+    # Off a terminal, stderr has a plain line per state, the end with its time.
+    _, states = progress_lines(done.stderr)
+    assert states[-1].startswith("succeeded in ") and states[-1].endswith(" s")
+    assert set(states[:-1]) <= {"queued", "running (attempt 1 of 3)"} | {
+        s for s in states if s.startswith("queued, position ")
+    }
 
     as_json = cli("submit", "echo", "--input", '{"text": "j"}', "--wait", "--json")
     assert as_json.exit_code == 0
@@ -135,16 +149,42 @@ def test_server_errors_are_one_line_and_exit_1(cli: Any) -> None:
     one_error_line(cli("result", queued), "task_not_finished: ")
 
 
+def error_after_progress(result: Result, prefix: str) -> str:
+    """``submit --wait``: the states as plain lines, then the error as one last line."""
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    *states, last = result.stderr.strip().splitlines()
+    assert last.startswith(prefix), result.stderr
+    progress_lines("\n".join(states))
+    return last
+
+
 def test_a_failed_task_exits_1_with_its_error(cli: Any) -> None:
     out = cli("submit", "echo", "--input", '{"fail": "no dogs"}', "--wait")
-    line = one_error_line(out, "task_failed: ")
+    line = error_after_progress(out, "task_failed: ")
     assert "bad_input: no dogs" in line
 
 
 def test_wait_timeout(cli: Any) -> None:
-    line = one_error_line(cli("submit", "idle", "--input", "{}", "--timeout", "0.3"),
-                          "wait_timeout: ")  # fmt: skip
+    line = error_after_progress(cli("submit", "idle", "--input", "{}", "--timeout", "0.3"),
+                                "wait_timeout: ")  # fmt: skip
     assert "queued" in line
+
+
+def test_submit_wait_shows_the_place_in_the_lane(cli: Any, live_api: LiveApi) -> None:  # noqa: F811
+    """The model has no worker: the task waits, with its place among the lane's tasks."""
+    ahead = [cli("submit", "idle", "--input", "{}", "--lane", "batch", "--priority", "40")
+             .stdout.strip() for _ in range(2)]  # fmt: skip
+    queued = sum(r.count for r in live_api.queue.stats().depth
+                 if (r.model, r.lane, r.status) == ("idle", "batch", "queued"))  # fmt: skip
+    out = cli("submit", "idle", "--input", "{}", "--lane", "batch", "--priority", "40",
+              "--timeout", "0.5")  # fmt: skip
+    error_after_progress(out, "wait_timeout: ")
+    # Third: behind the two of its priority, ahead of the lower priorities of other tests.
+    waited, states = progress_lines(out.stderr.strip().rsplit("\n", 1)[0])
+    assert states == [f"queued, position 3 of {queued + 1}"]
+    for task_id in [*ahead, waited]:
+        live_api.queue.cancel(task_id)
 
 
 def test_cancel(cli: Any) -> None:

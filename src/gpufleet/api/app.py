@@ -39,6 +39,7 @@ from gpufleet.api.schemas import (
     LookupRequest,
     ModelList,
     ModelView,
+    QueueView,
     ResultView,
     SubmitRequest,
     Submitted,
@@ -46,6 +47,8 @@ from gpufleet.api.schemas import (
     TaskOptions,
     TaskView,
     WorkerCounts,
+    depth_views,
+    task_view,
 )
 from gpufleet.errors import GpufleetError, NotFound, TaskNotFinished
 from gpufleet.models.input_check import input_check
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 60.0
 SSE_KEEPALIVE_S = 15.0
+POSITION_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         page = queue.list_tasks(
             tenant=visible(caller), status=status, model=model, limit=limit, cursor=cursor
         )
-        return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
+        return TaskList(tasks=[task_view(t) for t in page.items], next_cursor=page.next_cursor)
 
     @app.post("/v1/tasks/lookup", response_model=TaskList, tags=["tasks"])
     def lookup_tasks(body: LookupRequest, caller: Caller) -> TaskList:
@@ -247,11 +251,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
         tenant = visible(caller)
         found = queue.get_many(body.ids)
         ordered = [found[i] for i in dict.fromkeys(body.ids) if i in found]
-        return TaskList(tasks=[TaskView.of(t) for t in ordered if tenant in (None, t.tenant)])
+        return TaskList(tasks=[task_view(t) for t in ordered if tenant in (None, t.tenant)])
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
     def get_task(task_id: str, caller: Caller) -> TaskView:
-        return TaskView.of(queue.get(task_id, tenant=visible(caller)))
+        """A task; while it is queued, also its place in its lane (``queue_position``)."""
+        t = queue.get(task_id, tenant=visible(caller))
+        return task_view(t, queue.queue_position(t))
 
     @app.get("/v1/tasks/{task_id}/result", response_model=ResultView, tags=["tasks"])
     async def get_result(task_id: str, caller: Caller) -> ResultView:
@@ -268,7 +274,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.delete("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
     def cancel_task(task_id: str, caller: Caller) -> TaskView:
         """Cancel: a queued task ends at once; a running one stops at its next batch."""
-        return TaskView.of(queue.cancel(task_id, tenant=visible(caller)))
+        return task_view(queue.cancel(task_id, tenant=visible(caller)))
 
     @app.get(
         "/v1/tasks/{task_id}/events",
@@ -284,14 +290,29 @@ def create_app(ctx: ApiContext) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             async with service.watch(task) as updates:
                 current = await service.get(task.id)
-                yield _sse("status", TaskView.of(current).model_dump_json())
+                place = await service.queue_position(current)
+                yield _sse("status", task_view(current, place).model_dump_json())
+                quiet = 0.0
                 while not current.is_finished:
+                    # A queued task's place in its lane moves while the task itself does not
+                    # change: look at it every POSITION_POLL_S and send it when it moved.
+                    queued = current.status == TaskStatus.QUEUED
+                    step = POSITION_POLL_S if queued else SSE_KEEPALIVE_S
                     try:
-                        current = await asyncio.wait_for(updates.get(), SSE_KEEPALIVE_S)
+                        current = await asyncio.wait_for(updates.get(), step)
                     except TimeoutError:
-                        yield ": keep-alive\n\n"
+                        quiet += step
+                        moved = await service.queue_position(current) if queued else None
+                        if moved is not None and moved != place:
+                            place, quiet = moved, 0.0
+                            yield _sse("status", task_view(current, place).model_dump_json())
+                        elif quiet >= SSE_KEEPALIVE_S:
+                            quiet = 0.0
+                            yield ": keep-alive\n\n"
                         continue
-                    yield _sse("status", TaskView.of(current).model_dump_json())
+                    quiet = 0.0
+                    place = await service.queue_position(current)
+                    yield _sse("status", task_view(current, place).model_dump_json())
 
         return StreamingResponse(
             stream(),
@@ -361,6 +382,22 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 )
             )
         return ModelList(models=out)
+
+    # -- queue -------------------------------------------------------------------------------
+
+    @app.get("/v1/queue", response_model=QueueView, tags=["queue"])
+    def queue_now(caller: Caller) -> QueueView:
+        """Live tasks by model, lane and state, local workers by model, and the tasks this
+        server's workers have ended so far: what ``gpufleet watch`` shows."""
+        workers = None
+        if ctx.workers is not None:
+            workers = {}
+            for m in ctx.models:
+                ready, total = ctx.workers(m.info.name)
+                workers[m.info.name] = WorkerCounts(ready=ready, total=total)
+        return QueueView(
+            depth=depth_views(queue.stats()), workers=workers, finished=metrics.finished_by_model()
+        )
 
     # -- health and metrics ------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""What every command shares: settings from the root options, JSON output, error printing."""
+"""What every command shares: settings from the root options, JSON output, error printing.
+
+Light on purpose (every ``gpufleet`` call imports it): the settings are read the first time a
+command asks for them, so the commands that only talk to the HTTP API, and ``--help``, never
+import pydantic-settings.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,17 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from gpufleet.errors import GpufleetError
-from gpufleet.settings import Settings
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Settings
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -22,7 +29,13 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 @dataclass
 class CliState:
-    settings: Settings
+    """The root options; ``settings`` built from them (and the environment) when first used."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def settings(self) -> Settings:
+        return load_settings(**self.overrides)
 
 
 def state(ctx: typer.Context) -> CliState:
@@ -32,6 +45,10 @@ def state(ctx: typer.Context) -> CliState:
 
 
 def load_settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    from gpufleet.settings import Settings
+
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:

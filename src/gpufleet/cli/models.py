@@ -24,6 +24,7 @@ from rich.table import Table
 from gpufleet.cli.context import console, err_console, print_json, reported_errors, state
 from gpufleet.cli.model_trial import manifest_or_exit, print_trial, trial_summary
 from gpufleet.cli.models_init import init_cmd
+from gpufleet.cli.tables import Col, print_table
 from gpufleet.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -37,6 +38,11 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 TIMEOUT = typer.Option(
     300.0, "--timeout", min=1, help="Seconds to build, load and try the model in."
 )
+LIST_COLUMNS = (
+    Col("name", min_width=8, fit_width=24), Col("version", min_width=7, fit_width=16),
+    Col("digest", keep=3), Col("size", keep=1, justify="right"), Col("created", keep=4),
+    Col("tags", keep=2, min_width=4, fit_width=16),
+)  # fmt: skip
 INSECURE = typer.Option(
     None, "--insecure/--secure", help="Plain HTTP (default: only for loopback)."
 )
@@ -183,12 +189,9 @@ def list_cmd(
     if not versions:
         console.print("no models in the registry (gpufleet models package DIR adds one)")
         return
-    table = Table("name", "version", "digest", "size", "created", "tags")
-    for a in versions:
-        table.add_row(
-            a.name, a.version, a.digest[:19], _size(a.size), a.created[:19], ", ".join(a.tags)
-        )
-    console.print(table)
+    rows = [[a.name, a.version, a.digest[:19], _size(a.size), a.created[:19], ", ".join(a.tags)]
+            for a in versions]  # fmt: skip
+    print_table(console, LIST_COLUMNS, rows)
 
 
 @app.command("show")

@@ -1,13 +1,17 @@
-"""``gpufleet queue``: look at the task queue and run its housekeeping by hand."""
+"""``gpufleet queue``: look at the task queue and run its housekeeping by hand.
+
+Both commands work on the database that exists where the settings point and never create one
+(``cli.db.open_existing``): an empty answer from a new, wrong database would look like truth.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from gpufleet.cli.context import console, print_json, reported_errors, state
+from gpufleet.cli.tables import Col, print_table
 
 if TYPE_CHECKING:
     from gpufleet.queue import TaskQueue
@@ -15,13 +19,18 @@ if TYPE_CHECKING:
 app = typer.Typer(help="The task queue: depth and lease recovery.", no_args_is_help=True)
 
 
-def open_queue(ctx: typer.Context) -> TaskQueue:
-    from gpufleet.queue import TaskQueue
-    from gpufleet.store import upgrade
+STATS_COLUMNS = (
+    Col("model", min_width=8, fit_width=30), Col("lane", keep=1), Col("status", min_width=7),
+    Col("tasks", justify="right"), Col("oldest (s)", keep=2, justify="right"),
+)  # fmt: skip
 
-    queue = TaskQueue.from_settings(state(ctx).settings)
-    upgrade(queue.engine)
-    return queue
+
+def open_queue(ctx: typer.Context) -> TaskQueue:
+    from gpufleet.cli.db import open_existing
+    from gpufleet.queue import TaskQueue
+
+    settings = state(ctx).settings
+    return TaskQueue.from_settings(settings, open_existing(settings))
 
 
 @app.command("stats")
@@ -46,14 +55,17 @@ def stats_cmd(
             ]
         )
         return
-    table = Table("model", "lane", "status", "tasks", "oldest (s)")
-    for r in stats.depth:
-        age = f"{r.oldest_age_s:.1f}" if r.oldest_age_s is not None else "-"
-        table.add_row(r.model, r.lane.value, r.status.value, str(r.count), age)
     if not stats.depth:
-        console.print("the queue is empty")
-    else:
-        console.print(table)
+        from gpufleet.cli.db import describe
+
+        console.print(f"the queue is empty ({describe(state(ctx).settings)})", markup=False)
+        return
+    rows = [
+        [r.model, r.lane.value, r.status.value, str(r.count),
+         f"{r.oldest_age_s:.1f}" if r.oldest_age_s is not None else "-"]
+        for r in stats.depth
+    ]  # fmt: skip
+    print_table(console, STATS_COLUMNS, rows)
 
 
 @app.command("recover")

@@ -1,7 +1,8 @@
 """``gpufleet submit | status | result | cancel | tasks``: tasks through the HTTP API.
 
 Thin: parse the options, call ``gpufleet.Client``, print. Waiting follows the task's events
-with a Rich status line on stderr, so stdout keeps only the result (or JSON with ``--json``).
+and reports its states (queued with its place in the lane, running, the end) on stderr: a Rich
+status line on a terminal, plain lines elsewhere; stdout keeps only the result (or JSON).
 """
 
 from __future__ import annotations
@@ -10,24 +11,35 @@ import base64
 import binascii
 import json
 import sys
-from datetime import datetime
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from gpufleet.cli.context import console, err_console, fail, print_json, reported_errors
+from gpufleet.cli.tables import Col, print_table, short_id, short_time, when
 
 if TYPE_CHECKING:
-    from gpufleet.api.schemas import ResultView, TaskView
     from gpufleet.client import Client
+    from gpufleet.wire import ResultView, TaskView
 
 URL = typer.Option(
     None, "--url", envvar="GPUFLEET_URL", help="API URL (by default http://127.0.0.1:8080)."
 )
 KEY = typer.Option(None, "--key", envvar="GPUFLEET_API_KEY", help="API key.", show_default=False)
 JSON_OUT = typer.Option(False, "--json", help="Print JSON instead of text.")
+WIDE = typer.Option(
+    False, "--wide", help="Every column, full ids and times (wider than the terminal if need be)."
+)
+# Left out on a narrow terminal in this order: finished, priority, attempts, created, lane.
+TASK_COLUMNS = (
+    Col("id", min_width=13, short=short_id), Col("model", min_width=8, fit_width=20),
+    Col("lane", keep=1), Col("priority", keep=4), Col("status", min_width=9),
+    Col("attempts", keep=3),
+    Col("created", keep=2, short=short_time), Col("finished", keep=5, short=short_time),
+)  # fmt: skip
 OUTPUT = typer.Option(
     None, "-o", "--output", help="Write the result to FILE (a PNG result as an image)."
 )
@@ -124,30 +136,53 @@ def submit(
         show_result(view, output, json_out)
 
 
+# Off a terminal a queued task's moving place is a line at most this often (its state changes
+# are a line each).
+PLAIN_POSITION_EVERY_S = 5.0
+
+
+def progress_text(view: TaskView) -> str:
+    """``queued, position 3 of 10`` / ``running (attempt 1 of 3)`` / ``succeeded``."""
+    state: str = view.status
+    if view.status == "queued" and view.queue_position is not None:
+        state += f", position {view.queue_position} of {view.queue_length}"
+    if view.status == "running":
+        state = f"running (attempt {view.attempts} of {view.max_attempts})"
+    if view.cancel_requested and not view.finished_at:
+        state += ", cancel requested"
+    return state
+
+
 def wait_showing_progress(client: Client, task_id: str, timeout: float | None) -> ResultView:
-    """``Client.wait`` with a status line on stderr that follows the task's events, leaving
-    one line per state above it (on a terminal)."""
-    seen: list[str] = []
-    with err_console.status(f"task {task_id}: submitted") as line:
+    """``Client.wait`` reporting each state on stderr: on a terminal a status line that follows
+    the task (its place in the lane too) and one line per state left above it; elsewhere plain
+    lines, so a log shows where the task was."""
+    terminal = err_console.is_terminal
+    last: dict[str, Any] = {"status": None, "text": None, "printed": 0.0}
 
-        def update(view: TaskView) -> None:
-            state: str = view.status
-            if view.status == "running":
-                state = f"running (attempt {view.attempts} of {view.max_attempts})"
-            if view.cancel_requested and not view.finished_at:
-                state += ", cancel requested"
-            if seen and seen[-1] == state:
-                return
-            seen.append(state)
-            line.update(f"task {task_id}: {state}")
-            if not err_console.is_terminal:
-                return  # the status line shows nothing there; keep stderr for the error
-            took = ""
-            if view.finished_at is not None:
-                took = f" in {(view.finished_at - view.created_at).total_seconds():.2f} s"
-            err_console.print(f"{task_id} {state}{took}", markup=False, highlight=False)
+    def line(text: str) -> None:
+        err_console.print(f"{task_id} {text}", markup=False, highlight=False)
 
+    def update(view: TaskView, status_line: Any = None) -> None:
+        text = progress_text(view)
+        if text == last["text"]:
+            return
+        new_state = view.status != last["status"]
+        last["text"], last["status"] = text, view.status
+        if status_line is not None:
+            status_line.update(f"task {task_id}: {text}")
+        took = ""
+        if view.finished_at is not None:
+            took = f" in {(view.finished_at - view.created_at).total_seconds():.2f} s"
+        now = time.monotonic()
+        if new_state or (not terminal and now - last["printed"] >= PLAIN_POSITION_EVERY_S):
+            last["printed"] = now
+            line(text + took)
+
+    if not terminal:
         return client.wait(task_id, timeout=timeout, on_update=update)
+    with err_console.status(f"task {task_id}: submitted") as status_line:
+        return client.wait(task_id, timeout=timeout, on_update=lambda v: update(v, status_line))
 
 
 def show_result(view: ResultView, output: Path | None, json_out: bool) -> None:
@@ -208,11 +243,13 @@ def status(
     grid.add_row("model", f"{view.model} {view.version}")
     grid.add_row("lane", f"{view.lane} (priority {view.priority})")
     state = view.status + (", cancel requested" if view.cancel_requested else "")
+    if view.queue_position is not None:
+        state += f", position {view.queue_position} of {view.queue_length} in its lane"
     grid.add_row("status", state)
     grid.add_row("attempts", f"{view.attempts} of {view.max_attempts}")
-    for name, when in (("created", view.created_at), ("started", view.started_at),
+    for name, at in (("created", view.created_at), ("started", view.started_at),
                        ("finished", view.finished_at)):  # fmt: skip
-        grid.add_row(name, _when(when))
+        grid.add_row(name, when(at))
     if view.error is not None:
         grid.add_row("error", f"{view.error.code}: {view.error.message}")
     if view.status == "succeeded":
@@ -258,6 +295,7 @@ def tasks(
     model: str | None = typer.Option(None, "--model", help="Only this model's tasks."),
     limit: int = typer.Option(50, "--limit", min=1, max=1000, help="At most this many."),
     cursor: str | None = typer.Option(None, "--cursor", help="Where the last page ended."),
+    wide: bool = WIDE,
     json_out: bool = JSON_OUT,
     url: str | None = URL,
     key: str | None = KEY,
@@ -271,16 +309,11 @@ def tasks(
     if not page.tasks:
         console.print("no tasks")
         return
-    table = Table(Column("id", no_wrap=True), "model", "lane", "priority", "status", "attempts",
-                  Column("created", no_wrap=True), Column("finished", no_wrap=True))  # fmt: skip
-    for t in page.tasks:
-        table.add_row(t.id, f"{t.model} {t.version}", t.lane, str(t.priority), t.status,
-                      f"{t.attempts}/{t.max_attempts}", _when(t.created_at),
-                      _when(t.finished_at))  # fmt: skip
-    console.print(table)
+    rows = [
+        [t.id, f"{t.model} {t.version}", t.lane, str(t.priority), t.status,
+         f"{t.attempts}/{t.max_attempts}", when(t.created_at), when(t.finished_at)]
+        for t in page.tasks
+    ]  # fmt: skip
+    print_table(console, TASK_COLUMNS, rows, wide=wide)
     if page.next_cursor:
         err_console.print(f"more: --cursor {page.next_cursor}", markup=False, highlight=False)
-
-
-def _when(at: datetime | None) -> str:
-    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at is not None else "-"

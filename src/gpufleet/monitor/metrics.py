@@ -73,3 +73,23 @@ def exposition(extra: CollectorRegistry | None = None) -> bytes:
     if extra is not None:
         body += generate_latest(extra)
     return body
+
+
+def finished_by_model() -> dict[str, int]:
+    """``gpufleet_tasks_finished_total`` summed by model over every process, as ``/metrics``
+    adds it up: the tasks this server's workers have ended since it started."""
+    if os.environ.get(_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        families = list(registry.collect())
+    else:
+        families = list(TASKS_FINISHED.collect())
+    out: dict[str, int] = {}
+    for family in families:
+        if family.name != "gpufleet_tasks_finished":
+            continue
+        for sample in family.samples:
+            if sample.name == "gpufleet_tasks_finished_total":
+                model = sample.labels["model"]
+                out[model] = out.get(model, 0) + int(sample.value)
+    return out

@@ -21,7 +21,15 @@ from gpufleet.queue.claim import WorkerOps
 from gpufleet.queue.core import utcnow
 from gpufleet.queue.notify import finished_topics
 from gpufleet.queue.submission import SubmissionOps
-from gpufleet.queue.tasks import DepthRow, Lane, QueueStats, Recovery, TaskError, TaskStatus
+from gpufleet.queue.tasks import (
+    DepthRow,
+    Lane,
+    QueueStats,
+    Recovery,
+    Task,
+    TaskError,
+    TaskStatus,
+)
 from gpufleet.queue.validation import Limits, check_lane
 from gpufleet.settings import Settings
 from gpufleet.store.engine import read_tx, write_tx
@@ -145,6 +153,21 @@ class TaskQueue(SubmissionOps, WorkerOps):
                 for r in sorted(rows, key=lambda r: (r[0], r[1], r[2]))
             ]
         )
+
+    def queue_position(self, task: Task) -> tuple[int, int] | None:
+        """A queued task's place in its lane, in the order claims take them (1: next), and
+        the lane's length; ``None`` once it is no longer queued."""
+        if task.status != TaskStatus.QUEUED:
+            return None
+        params = {
+            "p_model": task.model, "p_version": task.model_version, "p_lane": task.lane.value,
+            "p_priority": task.priority, "p_id": task.id,
+        }  # fmt: skip
+        with read_tx(self.engine) as conn:
+            ahead, total, present = conn.execute(sql.QUEUE_POSITION, params).one()
+        if not present:
+            return None  # claimed (or cancelled) since it was read
+        return int(ahead) + 1, int(total)
 
     def purge_finished(self, older_than: timedelta) -> int:
         """Delete tasks that finished more than ``older_than`` ago; returns how many."""

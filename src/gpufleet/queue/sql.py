@@ -226,6 +226,24 @@ PG_COMPLETE_BATCH = sa.text(
 
 FINISHED_STATUS = sa.select(t.id, t.status).where(t.id.in_(_ids))
 
+# A queued task's place in its lane, in the claim's order (priority DESC, then id): how many
+# queued tasks of its model version and lane come before it, and how many there are. One range
+# of ix_tasks_claim WHERE queued. Tasks in retry backoff count: they are claimed when due.
+_p_priority = sa.bindparam("p_priority", type_=sa.Integer)
+_p_id: sa.BindParameter[str] = sa.bindparam("p_id")
+_ahead = sa.or_(t.priority > _p_priority, sa.and_(t.priority == _p_priority, t.id < _p_id))
+QUEUE_POSITION = sa.select(
+    sa.func.coalesce(sa.func.sum(sa.case((_ahead, 1), else_=0)), 0),
+    sa.func.count(),
+    # Whether the task itself is still there (not claimed since it was read).
+    sa.func.coalesce(sa.func.sum(sa.case((t.id == _p_id, 1), else_=0)), 0),
+).where(
+    IS_QUEUED,
+    t.model == sa.bindparam("p_model"),
+    t.model_version == sa.bindparam("p_version"),
+    t.lane == sa.bindparam("p_lane"),
+)
+
 # Quota: a tenant's queued tasks. Uses ix_tasks_tenant_queued (tenant) WHERE queued.
 QUEUED_OF_TENANT = sa.select(sa.func.count()).where(IS_QUEUED, t.tenant == sa.bindparam("p_tenant"))
 
