@@ -8,6 +8,7 @@ template. Durability settings are relaxed for speed: these tests are about logic
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from gpufleet.queue import TaskQueue
 from gpufleet.store import LocalBlobStore, create_engine, upgrade
 from gpufleet.testing import PostgresServer
 from tests.helpers import FakeClock
+
+# pytest-xdist starts its workers with COLUMNS=80. The CLI's Rich consoles are made at import
+# and take a COLUMNS set then as their width for good, so under xdist every table the CLI tests
+# print was 80 columns wide (its columns squeezed to nothing), whatever COLUMNS a test gave its
+# invocation. Unset, the consoles read COLUMNS at each print.
+os.environ.pop("COLUMNS", None)
 
 TEMPLATE = "gpufleet_template"
 _db_names = itertools.count(1)
