@@ -30,6 +30,21 @@ TEMPLATE = "gpufleet_template"
 _db_names = itertools.count(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (``make test`` runs ``--dist loadgroup``), the tests of a module that share a
+    module-scoped fixture (a ``gpufleet serve`` with its workers, OCI registries, model
+    directories built once) run on one worker, so that fixture is made once, not on each."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or not isinstance(item, pytest.Function):
+            continue
+        for name in item.fixturenames:
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     server = PostgresServer(
