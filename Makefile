@@ -63,7 +63,7 @@ pytest: install-dev system-deps
 # clean clone (a cold cache) mypy works one core for about 90 s, which before the tests left
 # the other core idle that long.
 test: lint
-	$(MAKE) --no-print-directory -j2 --output-sync=target typecheck pytest
+	$(MAKE) --no-print-directory -j2 --output-sync=line typecheck pytest
 
 # The edit loop: lint, then the tests not marked slow (no benchmark smokes, no `gpufleet serve`
 # end to end, no crash tests), in parallel. `make test` before a commit.
