@@ -61,9 +61,10 @@ pytest: install-dev system-deps
 
 # Lint first (a second), then the type check beside the tests rather than before them: on a
 # clean clone (a cold cache) mypy works one core for about 90 s, which before the tests left
-# the other core idle that long.
+# the other core idle that long. Output is not synced (make's -O holds a command's output
+# until it ends, pytest's too): mypy's one line may land among pytest's progress dots.
 test: lint
-	$(MAKE) --no-print-directory -j2 --output-sync=line typecheck pytest
+	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 # The edit loop: lint, then the tests not marked slow (no benchmark smokes, no `gpufleet serve`
 # end to end, no crash tests), in parallel. `make test` before a commit.
