@@ -2,18 +2,35 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed-stamp
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# pytest's worker processes (pytest-xdist); PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= auto
+PYTEST_XDIST    = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 
-.PHONY: install system-deps serve test lint typecheck pytest bench clean
+# Two stamps: serving needs gpufleet's runtime dependencies only (numpy runs the demo model);
+# the tests add the dev and bench extras (torch, transformers, onnx, mypy, the benchmarks'
+# peers). The dev install also stamps the runtime one, so `make serve` after `make test`
+# installs nothing, and `make test` after `make serve` adds only the extras.
+SERVE_STAMP = $(VENV)/.installed-serve
+DEV_STAMP   = $(VENV)/.installed-dev
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+
+$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-install: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $@ $(SERVE_STAMP)
+
+.PHONY: install install-dev system-deps serve test test-fast lint typecheck pytest bench clean
+
+install: $(SERVE_STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # The tests start real servers from Debian's packages: PostgreSQL, and an OCI registry
 # (distribution's docker-registry) for model push/pull; openssl signs its test tokens.
@@ -32,19 +49,29 @@ system-deps:
 serve: install
 	$(BIN)/gpufleet serve $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy src
 
-pytest: install system-deps
-	$(BIN)/pytest
+pytest: install-dev system-deps
+	$(BIN)/pytest $(PYTEST_XDIST)
 
-test: lint typecheck pytest
+# Lint first (a second), then the type check beside the tests rather than before them: on a
+# clean clone (a cold cache) mypy works one core for about 90 s, which before the tests left
+# the other core idle that long. Output is not synced (make's -O holds a command's output
+# until it ends, pytest's too): mypy's one line may land among pytest's progress dots.
+test: lint
+	$(MAKE) --no-print-directory -j2 typecheck pytest
 
-bench: install system-deps
+# The edit loop: lint, then the tests not marked slow (no benchmark smokes, no `gpufleet serve`
+# end to end, no crash tests), in parallel. `make test` before a commit.
+test-fast: lint install-dev system-deps
+	$(BIN)/pytest $(PYTEST_XDIST) -q -m "not slow"
+
+bench: install-dev system-deps
 	$(BIN)/python bench/queue_bench.py --json bench/results/queue_bench.json
 
 clean:

@@ -5,7 +5,7 @@ workers run in production), claiming in batches of 10 and completing each batch 
 transaction. In the same run and on the same PostgreSQL server it measures pgqueuer (batched
 dequeue) and procrastinate doing the same work: enqueue N no-op jobs, then process them all.
 
-    python bench/queue_bench.py [--quick] [--json PATH]
+    python bench/queue_bench.py [--quick] [--tasks N] [--json PATH]
 
 PostgreSQL is a throwaway server from the host's packages with its default, durable settings
 (fsync on, synchronous_commit on); SQLite runs with gpufleet's defaults (WAL, synchronous=FULL).
@@ -147,12 +147,13 @@ def wakeup_latency(url: str, blobs: str, n: int) -> list[float]:
 # -- the run ------------------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
-    n = 2_000 if quick else 20_000
-    n_submit = 200 if quick else 2_000
+def run(quick: bool, tasks: int | None = None) -> dict[str, Any]:
+    n = tasks or (2_000 if quick else 20_000)
+    # The other sizes keep their ratio to n (--tasks shrinks the whole run, for the tests).
+    n_submit = max(n // 10, 10)
     n_lat = 30 if quick else 200
     concurrency = [1, 4] if quick else [1, 4, 16]
-    n_proc = 600 if quick else 4_000
+    n_proc = n * 3 // 10 if quick else n // 5
     metrics: dict[str, float] = {}
     rows: list[tuple[str, str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="gpufleet-bench-"))
@@ -242,8 +243,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--tasks", type=int, help="tasks per claim-complete run (20,000; quick 2,000)")
     args = ap.parse_args()
-    outcome = run(args.quick)
+    outcome = run(args.quick, args.tasks)
     rows = outcome.pop("_rows")
     report(outcome, rows, args.json)
 

@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = args.models.split(",")
     main = main_model(models)
     clients = [int(c) for c in args.clients.split(",")]
-    seconds = 2.0 if args.quick else args.seconds
+    # --seconds wins over --quick's 2 s (the tests' smoke run measures for less).
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
     work = Path(tempfile.mkdtemp(prefix="gpufleet-serve-bench-"))
     databases: list[tuple[str, str | None]] = []
     pg = None
@@ -317,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             echo.stop()
         for name in models:
-            b = bare(name, args.device, 2.0 if args.quick else 4.0)
+            b = bare(name, args.device, args.seconds or (2.0 if args.quick else 4.0))
             for k, v in b.items():
                 m[f"{name}_bare_{k}"] = v
             body = {"input": model_input(name)}
@@ -453,7 +454,7 @@ def main() -> None:
                     help=f"comma-separated, of {', '.join(MODELS)}; digits (else the first) "
                     "also gets the backlog, bulk and PostgreSQL measurements")  # fmt: skip
     ap.add_argument("--clients", default="1,16,64,256")
-    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds a point")
+    ap.add_argument("--seconds", type=float, help="measured seconds a point (5; quick 2)")
     ap.add_argument("--database", choices=["sqlite", "postgres", "both"], default="sqlite")
     ap.add_argument("--peers", default="litserve,echo")
     ap.add_argument("--backlog", type=int, default=10_000)

@@ -8,6 +8,7 @@ template. Durability settings are relaxed for speed: these tests are about logic
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +20,29 @@ from gpufleet.store import LocalBlobStore, create_engine, upgrade
 from gpufleet.testing import PostgresServer
 from tests.helpers import FakeClock
 
+# pytest-xdist starts its workers with COLUMNS=80. The CLI's Rich consoles are made at import
+# and take a COLUMNS set then as their width for good, so under xdist every table the CLI tests
+# print was 80 columns wide (its columns squeezed to nothing), whatever COLUMNS a test gave its
+# invocation. Unset, the consoles read COLUMNS at each print.
+os.environ.pop("COLUMNS", None)
+
 TEMPLATE = "gpufleet_template"
 _db_names = itertools.count(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (``make test`` runs ``--dist loadgroup``), the tests of a module that share a
+    module-scoped fixture (a ``gpufleet serve`` with its workers, OCI registries, model
+    directories built once) run on one worker, so that fixture is made once, not on each."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or not isinstance(item, pytest.Function):
+            continue
+        for name in item.fixturenames:
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break
 
 
 @pytest.fixture(scope="session")

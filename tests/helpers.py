@@ -9,6 +9,11 @@ from sqlalchemy.engine import Engine
 
 from gpufleet.store.schema import tasks
 
+# What a benchmark's smoke run (tests/bench) may take: on a loaded 2-core machine under xdist a
+# run took up to four times its time alone. Below pytest-timeout's 300 s, so a run that hangs
+# fails with its own output.
+BENCH_TIMEOUT_S = 280
+
 
 class FakeClock:
     """A clock the test moves by hand, so leases expire and backoffs pass without sleeping."""

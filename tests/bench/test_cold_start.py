@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BENCH_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("interpreter", "imports", "device", "weights", "warm", "first_result")
 
@@ -20,7 +22,7 @@ def test_cold_start_quick_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "cold_start.json"
     cmd = [sys.executable, str(ROOT / "bench" / "cold_start.py"), "--quick", "--sizes", "0.02",
            "--workdir", str(tmp_path / "models"), "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cold_start: targets" in proc.stdout
     result = json.loads(out.read_text())

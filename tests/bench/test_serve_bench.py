@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BENCH_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = {
     "noop_p50_ms",
@@ -36,12 +38,14 @@ def test_serve_bench_quick_writes_results(tmp_path: Path) -> None:
             "noop",
             "--clients",
             "1,16",
+            "--seconds",  # a point: 1 s, not --quick's 2 (answers inside it count, whenever sent)
+            "1",
             "--json",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=BENCH_TIMEOUT_S,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

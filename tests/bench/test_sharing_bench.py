@@ -15,6 +15,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.helpers import BENCH_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "sharing_bench.py"
 
@@ -33,8 +35,8 @@ def test_sharing_bench_quick_on_cpu_writes_results(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     out = tmp_path / "sharing_bench.json"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--ks", "1,2",
-           "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+           "--seconds", "0.5", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sharing_bench: all measurements" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith("└")  # the targets table, last

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BENCH_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,7 +21,7 @@ def test_weights_load_quick_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "weights_load.json"
     cmd = [sys.executable, str(ROOT / "bench" / "weights_load.py"), "--quick",
            "--workdir", str(tmp_path / "models"), "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "weights_load: targets" in proc.stdout
     result = json.loads(out.read_text())

@@ -69,6 +69,20 @@ class Serve:
             time.sleep(0.2)
         raise TimeoutError(f"serve not ready in {timeout}s:\n{self.output()}")
 
+    def wait_workers_ready(self, model: str, count: int, timeout: float = 90) -> Serve:
+        """Until ``count`` workers of ``model`` are ready: ``/healthz`` is 200 with one, and on
+        a loaded machine the others may still be loading the model."""
+        want = f"{count}/{count} ready"
+        deadline = time.monotonic() + timeout
+        checks: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                checks = httpx.get(f"{self.url}/healthz", timeout=2).json()["checks"]
+                if checks.get(f"workers:{model}", "").startswith(want):
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError(f"{model}: not {want} in {timeout}s: {checks}\n{self.output()}")
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.serve_helpers import serving, wait_done
+
+pytestmark = pytest.mark.slow  # a real gpufleet serve and its workers
 
 RUNNER = """
 import os
