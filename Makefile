@@ -50,8 +50,8 @@ serve: install
 	$(BIN)/gpufleet serve $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 lint: install-dev
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 
 typecheck: install-dev
 	$(BIN)/mypy src
