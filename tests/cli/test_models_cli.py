@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from gpufleet.cli.main import app
 from tests.models.registry_helpers import make_scale_model
@@ -16,13 +16,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Any:
-    env = {"GPUFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200", "NO_COLOR": "1"}
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(app, ["models", *args], env=env)
-
-    return invoke
+def cli(models_cli: Any) -> Any:
+    return models_cli
 
 
 def test_validate_ok_and_every_problem_on_its_own_line(cli: Any, tmp_path: Path) -> None:

@@ -10,21 +10,14 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner, Result
-
-from gpufleet.cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Any:
-    env = {"GPUFLEET_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200", "NO_COLOR": "1"}
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(app, ["models", *args], env=env)
-
-    return invoke
+def cli(models_cli: Any) -> Any:
+    return models_cli
 
 
 @pytest.mark.parametrize(
