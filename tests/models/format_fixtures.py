@@ -17,6 +17,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from gpufleet.models.templates import save_word_level_tokenizer, tiny_bert_classifier
+
 # Sentences to train the tiny tokenizers on: every word a test prompt uses is in here.
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -142,31 +144,6 @@ def _byte_level_tokenizer(path: Path) -> int:
     return len(tokenizer)
 
 
-def _word_level_tokenizer(path: Path) -> int:
-    """A BERT-style word-level tokenizer ([CLS] text [SEP]) over ``CORPUS``'s words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    words = sorted({w for line in CORPUS for w in line.replace(",", " , ").split()})
-    vocab = {token: i for i, token in enumerate(specials + words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.BertProcessing(
-        ("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"])
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
-    tokenizer.save_pretrained(str(path))
-    return len(vocab)
-
-
 def _sharpen(model: torch.nn.Module) -> None:
     """Weights wider than transformers' init (std 0.02): outputs then differ clearly between
     texts, and greedy choices have clear winners that survive fp16 / bf16 rounding."""
@@ -200,24 +177,11 @@ def make_hf_causal_lm_dir(path: Path, *, precision: str = "fp32") -> Path:
 
 
 def make_hf_classifier_dir(path: Path, *, precision: str = "fp32") -> Path:
-    """A 2-layer BERT sequence classifier (labels ``negative`` / ``positive``)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
+    """A 2-layer BERT sequence classifier (labels ``negative`` / ``positive``): the
+    ``models init --template hf`` model, over ``CORPUS``'s words, with sharpened weights."""
     path.mkdir(parents=True, exist_ok=True)
-    vocab_size = _word_level_tokenizer(path)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-    )
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
+    words = sorted({w for line in CORPUS for w in line.replace(",", " , ").split()})
+    model = tiny_bert_classifier(save_word_level_tokenizer(path, words))
     _sharpen(model)
     model.save_pretrained(str(path))
     write_model_yaml(path, format="hf", precision=precision)

@@ -246,13 +246,18 @@ _SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "
 
 
 def _hf(path: Path, name: str) -> str:
+    vocab_size = save_word_level_tokenizer(path, _WORDS)
+    tiny_bert_classifier(vocab_size).save_pretrained(str(path))
+    return _HF_YAML
+
+
+def save_word_level_tokenizer(path: Path, words: list[str]) -> int:
+    """A BERT-style word-level tokenizer (``[CLS] text [SEP]``, lower-cased) over ``words``,
+    saved in ``path``; returns its vocabulary's size."""
     # As Any: these libraries' annotations vary between their versions.
-    torch: Any = importlib.import_module("torch")
     tok: Any = importlib.import_module("tokenizers")
     hf: Any = importlib.import_module("transformers")
-    hf.utils.logging.disable_progress_bar()  # "Writing model shards" on a 100 kB model
-
-    vocab = {token: i for i, token in enumerate([*_SPECIALS.values(), *_WORDS])}
+    vocab = {token: i for i, token in enumerate([*_SPECIALS.values(), *words])}
     core = tok.Tokenizer(tok.models.WordLevel(vocab=vocab, unk_token=_SPECIALS["unk_token"]))
     core.normalizer = tok.normalizers.Lowercase()
     core.pre_tokenizer = tok.pre_tokenizers.Whitespace()
@@ -261,8 +266,16 @@ def _hf(path: Path, name: str) -> str:
         (_SPECIALS["cls_token"], vocab[_SPECIALS["cls_token"]]),
     )
     hf.PreTrainedTokenizerFast(tokenizer_object=core, **_SPECIALS).save_pretrained(str(path))
+    return len(vocab)
+
+
+def tiny_bert_classifier(vocab_size: int) -> Any:
+    """A 2-layer BERT sequence classifier (labels ``negative`` / ``positive``), seeded."""
+    torch: Any = importlib.import_module("torch")
+    hf: Any = importlib.import_module("transformers")
+    hf.utils.logging.disable_progress_bar()  # "Writing model shards" on a 100 kB model
     config = hf.BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -273,8 +286,7 @@ def _hf(path: Path, name: str) -> str:
         label2id={"negative": 0, "positive": 1},
     )
     torch.manual_seed(0)
-    hf.BertForSequenceClassification(config).save_pretrained(str(path))
-    return _HF_YAML
+    return hf.BertForSequenceClassification(config)
 
 
 _BODIES: dict[str, Callable[[Path, str], str]] = {
