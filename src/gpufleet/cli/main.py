@@ -18,10 +18,13 @@ from gpufleet.cli.lazy import Entry, lazy_group
 
 def _flags_without_a_type() -> None:
     """typer 0.29 shows every flag (``--json``, ``--help``) with a ``<bool>`` value, as if
-    it took one: a flag takes none, so its help row shows no type."""
+    it took one: a flag takes none, so its help row shows no type. Other typer versions
+    (the GPU images carry older ones) lack the method, and are left as they are."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:
+        return
 
     def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
         return None if self.is_flag else shown(self, ctx)
@@ -33,21 +36,25 @@ def _no_adapter_for_a_missing_value() -> None:
     """typer 0.29 builds a pydantic ``TypeAdapter`` for every parameter it processes, also for
     an option left out (whose value stays ``None``): the root's ``--data-dir`` alone made
     ``gpufleet tasks --help`` import pydantic. A missing value needs no coercion, so it skips
-    that step; everything else (required, callbacks) is as typer does it."""
-    from typer.core import _TyperParameter
+    that step; everything else (required, callbacks) is as typer does it. A typer without
+    that class (older ones) is left as it is."""
+    import typer.core
 
     from gpufleet.cli.lazy import MissingParameter, click
 
+    _TyperParameter = getattr(typer.core, "_TyperParameter", None)
+    if _TyperParameter is None:
+        return
     process = _TyperParameter.process_value
 
-    def process_value(self: _TyperParameter, ctx: click.Context, value: Any) -> Any:
+    def process_value(self: Any, ctx: click.Context, value: Any) -> Any:
         if value is not None or self.multiple or self.nargs == -1:
             return process(self, ctx, value)
         if self.required:
             raise MissingParameter(ctx=ctx, param=self)
         return self.callback(ctx, self, value) if self.callback is not None else value
 
-    _TyperParameter.process_value = process_value  # type: ignore[method-assign]
+    _TyperParameter.process_value = process_value
 
 
 _flags_without_a_type()
