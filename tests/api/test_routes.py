@@ -17,6 +17,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.testclient import TestClient
 
 from gpufleet.api.app import ApiContext, DeployedModel, create_app
+from gpufleet.api.fastpath import InferFastPath
 from gpufleet.api.keys import KeyStore
 from gpufleet.models import Batching, ModelInfo
 from gpufleet.queue import TaskQueue, TaskSpec
@@ -214,6 +215,7 @@ class Routes:
     queue: TaskQueue
     ids: dict[str, str]
     keys: dict[str, str]
+    plain: TestClient  # the same app without InferFastPath: infer through FastAPI's route
 
 
 @pytest.fixture(scope="module")
@@ -234,28 +236,30 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routes]:
             TaskSpec("m", "1", {"steps": 1}, tenant="acme", idempotency_key="order-17")
         ).task.id,
     }
-    app = create_app(
-        ApiContext(
-            queue=queue,
-            models=[DeployedModel(ModelInfo("m", "1", input_schema=SCHEMA), Batching(1, 0))],
-            keys=store,
-            max_body_bytes=MAX_BODY,
-            workers=lambda name: (0, 1),  # one local worker, not ready: /healthz is 503
-        )
+    ctx = ApiContext(
+        queue=queue,
+        models=[DeployedModel(ModelInfo("m", "1", input_schema=SCHEMA), Batching(1, 0))],
+        keys=store,
+        max_body_bytes=MAX_BODY,
+        workers=lambda name: (0, 1),  # one local worker, not ready: /healthz is 503
     )
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Routes(app, client, queue, ids, keys)
+    app = create_app(ctx)
+    plain = create_app(ctx)
+    plain.user_middleware = [m for m in plain.user_middleware if m.cls is not InferFastPath]
+    with (
+        TestClient(app, raise_server_exceptions=False) as client,
+        TestClient(plain, raise_server_exceptions=False) as plain_client,
+    ):
+        yield Routes(app, client, queue, ids, keys, plain_client)
     queue.close()
     engine.dispose()
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_a_refused_request_gets_its_status_code_and_message(routes: Routes, case: Case) -> None:
+def _send(routes: Routes, case: Case, client: TestClient | None = None) -> Any:
     headers = dict(JSON)
     if case.key != "none":
         headers["Authorization"] = routes.keys[case.key]
-    before = routes.queue.list_tasks(limit=1000).items
-    r = routes.client.request(
+    return (client or routes.client).request(
         case.method,
         case.path.format(**routes.ids),
         params=case.params,
@@ -263,12 +267,54 @@ def test_a_refused_request_gets_its_status_code_and_message(routes: Routes, case
         content=case.content,
         headers=headers,
     )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_refused_request_gets_its_status_code_and_message(routes: Routes, case: Case) -> None:
+    before = routes.queue.list_tasks(limit=1000).items
+    r = _send(routes, case)
     assert r.status_code == case.status, r.text
     assert r.headers["content-type"] == "application/json"
     [error] = r.json().values()
     assert error["code"] == case.code
     assert error["message"] == case.message.format(**routes.ids)
     assert routes.queue.list_tasks(limit=1000).items == before  # nothing written
+
+
+INFER_CASES = [c for c in CASES if c.path.endswith("/infer")] + [
+    Case("PUT", "/v1/models/m/infer", 405, "method_not_allowed", NOT_ALLOWED, json={}),
+    Case("POST", "/v1/models/m/x/infer", 404, "not_found", "Not Found", json={"input": {}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INFER_CASES, ids=str)
+def test_infer_refuses_alike_through_the_fast_path_and_fastapi(routes: Routes, case: Case) -> None:
+    """``InferFastPath`` answers infer before FastAPI does; FastAPI's route is what it
+    replaces. Both refuse each bad request with the same status, headers and body."""
+    fast, plain = _send(routes, case), _send(routes, case, routes.plain)
+    assert (fast.status_code, fast.json()) == (plain.status_code, plain.json())
+    assert fast.status_code == case.status
+    assert fast.headers.get("content-type") == plain.headers.get("content-type")
+
+
+def test_infer_answers_alike_through_the_fast_path_and_fastapi(routes: Routes) -> None:
+    """Accepted: 202 with the task's id and Location when ``wait`` runs out (no worker
+    here), and the request counted under its route for /metrics."""
+    auth = {"Authorization": routes.keys["acme"]}
+    answers = []
+    for client in (routes.client, routes.plain):
+        r = client.post("/v1/models/m/infer?wait=0", headers=auth, json={"input": {"steps": 2}})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert r.headers["location"] == f"/v1/tasks/{body['id']}"
+        assert routes.queue.get(body["id"]).input == {"steps": 2}
+        answers.append({k: v for k, v in body.items() if k != "id"})
+        routes.queue.cancel(body["id"])
+    assert answers[0] == answers[1] == {
+        "status": "queued", "model": "m", "version": "1", "created": True,
+    }  # fmt: skip
+    text = routes.client.get("/metrics").text
+    assert 'route="/v1/models/{name}/infer",status="202"' in text.replace("method=\"POST\",", "")
 
 
 def test_a_bulk_refuses_a_bad_item_alone(routes: Routes) -> None:

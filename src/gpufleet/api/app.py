@@ -27,8 +27,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
-from gpufleet.api.auth import Principal, authenticator
+from gpufleet.api.auth import Principal, authenticator, header_authenticator
 from gpufleet.api.errors import BodySizeLimit, install_error_handlers
+from gpufleet.api.fastpath import InferFastPath, wait_parser
 from gpufleet.api.schemas import (
     BatchingView,
     BulkSubmitRequest,
@@ -60,6 +61,7 @@ from gpufleet.queue.service import TaskService
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 60.0
+DEFAULT_WAIT_S = 30.0
 SSE_KEEPALIVE_S = 15.0
 POSITION_POLL_S = 1.0
 
@@ -333,14 +335,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
         name: str,
         request: Request,
         caller: Caller,
-        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 30.0,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = DEFAULT_WAIT_S,
     ) -> Any:
         """Submit and wait up to ``wait`` seconds: 200 with the outcome if the task ended, else
         202 with its id (poll it, or stream its events)."""
+        # Answered by InferFastPath before FastAPI sees it; declared here for the OpenAPI
+        # document, and for an app without the fast path.
+        return await infer_response(caller, name, wait, await request.body())
+
+    async def infer_response(caller: Principal, name: str, wait: float, raw: bytes) -> Response:
         # The body is parsed by pydantic-core straight from its bytes: FastAPI's body
         # parameter decodes the JSON in Python first and validates it field by field, a
         # fifth of this route's CPU at the API's ceiling.
-        body = await _parse_body(request, InferRequest)
+        body = _validated(raw, InferRequest)
         sub, task = await service.run(spec(caller, name, body, body.input), wait)
         if not task.is_finished:
             out = submitted(sub).model_copy(update={"status": task.status.value})
@@ -439,6 +446,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """Prometheus text format: requests, tasks, latencies by stage, queue depth."""
         return Response(metrics.exposition(depth_registry), media_type="text/plain; version=0.0.4")
 
+    # Outermost of our middleware: infer calls skip FastAPI's routing and the layers above.
+    app.add_middleware(
+        InferFastPath,
+        handler=infer_response,
+        authenticate=header_authenticator(ctx.keys, insecure=ctx.insecure_no_auth),
+        parse_wait=wait_parser(MAX_WAIT_S, DEFAULT_WAIT_S),
+        max_bytes=ctx.max_body_bytes,
+    )
     return app
 
 
@@ -448,7 +463,10 @@ B = TypeVar("B", bound=BaseModel)
 async def _parse_body(request: Request, model: type[B]) -> B:
     """``model`` from the request's JSON body, with FastAPI's 422 ``invalid_input`` shape for
     a body that does not fit it."""
-    raw = await request.body()
+    return _validated(await request.body(), model)
+
+
+def _validated(raw: bytes, model: type[B]) -> B:
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as e:

@@ -44,25 +44,40 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def gpufleet_error_response(exc: GpufleetError, method: str, path: str) -> JSONResponse:
+    """A gpufleet error as its stable code and HTTP status (``Retry-After`` where it says)."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, QuotaExceeded | Unavailable):
+        headers["Retry-After"] = str(int(exc.details.get("retry_after_s", 5)))
+    if exc.http_status >= 500:
+        log.warning("%s %s: %s", method, path, exc)
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """422 ``invalid_input`` naming the first field, listing every one."""
+    fields = [_field_error(err) for err in exc.errors()]
+    first = fields[0] if fields else {"field": "body", "message": "invalid request"}
+    message = f"{first['field']}: {first['message']}"
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more)"
+    return error_response(422, "invalid_input", message, fields=fields)
+
+
+def internal_error_response(method: str, path: str) -> JSONResponse:
+    """500 ``internal``; the traceback goes to the server log only (call within ``except``)."""
+    log.exception("unhandled error in %s %s", method, path)
+    return error_response(500, "internal", "internal error; the server log has details")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GpufleetError)
     async def gpufleet_error(request: Request, exc: GpufleetError) -> JSONResponse:
-        headers: dict[str, str] = {}
-        if isinstance(exc, QuotaExceeded | Unavailable):
-            headers["Retry-After"] = str(int(exc.details.get("retry_after_s", 5)))
-        if exc.http_status >= 500:
-            log.warning("%s %s: %s", request.method, request.url.path, exc)
-        body = exc.to_dict()
-        return JSONResponse({"error": body}, status_code=exc.http_status, headers=headers)
+        return gpufleet_error_response(exc, request.method, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [_field_error(err) for err in exc.errors()]
-        first = fields[0] if fields else {"field": "body", "message": "invalid request"}
-        message = f"{first['field']}: {first['message']}"
-        if len(fields) > 1:
-            message += f" (and {len(fields) - 1} more)"
-        return error_response(422, "invalid_input", message, fields=fields)
+        return validation_error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -72,8 +87,48 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error; the server log has details")
+        return internal_error_response(request.method, request.url.path)
+
+
+class BodyTooLarge(Exception):
+    """The request body went over the limit while it streamed in."""
+
+
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
+    """The whole request body, or ``None`` when the client went away first. Raises
+    ``BodyTooLarge`` as soon as a declared Content-Length or the bytes received pass
+    ``max_bytes`` (a lying or absent Content-Length does not get past it)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                too_big = int(value) > max_bytes
+            except ValueError:
+                too_big = False
+            if too_big:
+                raise BodyTooLarge
+    body: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise BodyTooLarge
+        body.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(body)
+
+
+def too_large_response(max_bytes: int) -> JSONResponse:
+    return error_response(
+        413,
+        "payload_too_large",
+        f"request body is over the limit of {size_text(max_bytes)} (an input may "
+        "be up to GPUFLEET_MAX_INPUT_BYTES as JSON, plus 1 MiB for the rest)",
+        limit=max_bytes,
+    )
 
 
 class BodySizeLimit:
@@ -87,32 +142,18 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(scope, receive, send)
-                    return
         # Read the body before the app sees it (FastAPI reads JSON bodies whole anyway), so a
         # body over the limit is refused before any of it is parsed, Content-Length or not.
-        body: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away: let the app see it
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            body.append(chunk)
-            if not message.get("more_body", False):
-                message = {"type": "http.request", "body": b"".join(body), "more_body": False}
-                break
+        try:
+            body = await read_body(scope, receive, self.max_bytes)
+        except BodyTooLarge:
+            await too_large_response(self.max_bytes)(scope, receive, send)
+            return
+        message: Message = (
+            {"type": "http.disconnect"}  # the client went away: let the app see it
+            if body is None
+            else {"type": "http.request", "body": body, "more_body": False}
+        )
         replayed = False
 
         async def replay() -> Message:
@@ -123,16 +164,6 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413,
-            "payload_too_large",
-            f"request body is over the limit of {size_text(self.max_bytes)} (an input may "
-            "be up to GPUFLEET_MAX_INPUT_BYTES as JSON, plus 1 MiB for the rest)",
-            limit=self.max_bytes,
-        )
-        await response(scope, receive, send)
 
 
 def _field_error(err: Any) -> dict[str, str]:
