@@ -104,6 +104,37 @@ def test_a_missing_wake_up_is_caught_by_the_safety_look(queue: TaskQueue) -> Non
     assert time.monotonic() - t0 < 5
 
 
+def test_the_safety_look_reads_no_row_for_an_outcome_waiter_until_its_task_ends(
+    queue: TaskQueue,
+) -> None:
+    """A task that only started running is no news to ``wait``: the look reads nothing for
+    it (at 256 clients it read each waiter's whole row, input and all, twice a second); once
+    the task ends behind the queue's back, the look reads its outcome, once."""
+    w = _watcher(queue, poll_s=0.1)
+    try:
+        task = queue.submit(TaskSpec("m", "1", {"n": 1})).task
+
+        async def go() -> object:
+            waiting = asyncio.create_task(w.wait(task, 10))
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(queue.claim, "m", "1", "w")  # running: no wake-up says so
+            await asyncio.sleep(0.5)  # several looks
+            assert w.reads == 0 and not waiting.done()
+            with write_tx(queue.engine) as conn:  # ended behind the queue's back
+                conn.execute(
+                    sa.update(tasks).where(tasks.c.id == task.id)
+                    .values(status="succeeded", result={"out": 1}, finished_at=queue.clock())
+                )  # fmt: skip
+            return await waiting
+
+        ended = asyncio.run(go())
+    finally:
+        w.stop()
+    assert ended.status == TaskStatus.SUCCEEDED  # type: ignore[attr-defined]
+    assert ended.result == {"out": 1}  # type: ignore[attr-defined]
+    assert w.reads == 1
+
+
 def test_a_full_waiter_sees_every_field(queue: TaskQueue) -> None:
     """Event streams need the whole task (attempts, times): they are read, not synthesised."""
     w = _watcher(queue)

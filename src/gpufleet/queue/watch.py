@@ -161,16 +161,31 @@ class TaskWatcher:
                 self._stop.wait(self.poll_s)
 
     def _look(self) -> None:
-        """The safety look: every watched task's state, then the rows of those that moved."""
+        """The safety look: every watched task's state, then what its waiters need of those
+        that moved: the row, or for waiters of the outcome alone the outcome once the task
+        has ended (a task that only started running is no news to them: nothing is read)."""
         with self._lock:
             ids = list(self._waiters)
         if not ids:
             return
         states = self.queue.task_states(ids)
+        wanted: list[str] = []
+        outcome_only: list[Task] = []
         with self._lock:
-            moved = [tid for tid, st in states.items() if self._seen.get(tid, st) != st]
-        if moved:
-            self._deliver(self.queue.get_many(moved).values())
+            for tid, st in states.items():
+                waiters = self._waiters.get(tid)
+                if not waiters or self._seen.get(tid, st) == st:
+                    continue
+                if any(full for _, _, full in waiters):
+                    wanted.append(tid)
+                elif TaskStatus(st[0]).is_finished:
+                    outcome_only.append(self._base[tid])
+                else:
+                    self._seen[tid] = st
+        if wanted:
+            self._deliver(self.queue.get_many(wanted).values())
+        if outcome_only:
+            self._deliver(self.queue.outcomes(outcome_only).values())
 
     def _deliver(self, tasks: Iterable[Task]) -> None:
         with self._lock:
