@@ -19,7 +19,6 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import aiohttp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import SERVED_NAME, Gpufleet, _ok, bulk_submit, model_input, pct  # noqa: E402
+from serve_bench import Gpufleet, bulk_submit, one_by_one, pct  # noqa: E402
 
 
 def _ts(v: str | None) -> float:
@@ -39,19 +38,11 @@ def _ts(v: str | None) -> float:
 
 async def _requests(server: Gpufleet, name: str, n: int, backlog: int) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {server.key}"}
-    url = f"{server.url}/v1/models/{SERVED_NAME[name]}/infer?wait=60"
-    out = []
     async with aiohttp.ClientSession(headers=headers) as s:
         if backlog:
             await bulk_submit(s, server, name, backlog)
-        for _ in range(n):
-            t0 = time.time()
-            async with s.post(url, json={"input": model_input(name)}) as r:
-                body = await r.json()
-                if not _ok(r.status, body):
-                    raise RuntimeError(f"infer: {r.status} {str(body)[:300]}")
-            out.append({"id": body["id"], "sent": t0, "answered": time.time()})
-    return out
+        done = await one_by_one(s, server, name, n)
+    return [{"id": tid, "sent": sent, "answered": answered} for tid, sent, answered in done]
 
 
 def _split(db: Path, reqs: list[dict[str, Any]]) -> dict[str, list[float]]:

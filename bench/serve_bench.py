@@ -245,18 +245,27 @@ async def bulk_and_backlog(server: Gpufleet, name: str, n: int, samples: int) ->
     async with aiohttp.ClientSession(headers=headers) as s:
         out["bulk_submit_per_s"] = await bulk_submit(s, server, name, n)
         out["backlog_queued_before"] = await _queued(s, server.url, name)
-        url = f"{server.url}/v1/models/{SERVED_NAME[name]}/infer?wait=60"
-        lat = []
-        for _ in range(samples):
-            t = time.perf_counter()
-            async with s.post(url, json={"input": model_input(name)}) as r:
-                body = await r.json()
-                if not _ok(r.status, body):
-                    raise RuntimeError(f"interactive request under backlog: {str(body)[:300]}")
-            lat.append((time.perf_counter() - t) * 1000)
+        lat = [(done - sent) * 1000 for _, sent, done in await one_by_one(s, server, name, samples)]
         out["backlog_left_after"] = await _queued(s, server.url, name)
         out["backlog_interactive_p50_ms"] = pct(lat, 50)
         out["backlog_interactive_p95_ms"] = pct(lat, 95)
+    return out
+
+
+async def one_by_one(
+    s: aiohttp.ClientSession, server: Gpufleet, name: str, n: int
+) -> list[tuple[str, float, float]]:
+    """``n`` interactive infer requests one at a time: (task id, sent, answered), wall-clock
+    seconds (``time.time``, comparable with the task rows' timestamps)."""
+    url = f"{server.url}/v1/models/{SERVED_NAME[name]}/infer?wait=60"
+    out = []
+    for _ in range(n):
+        sent = time.time()
+        async with s.post(url, json={"input": model_input(name)}) as r:
+            body = await r.json()
+            if not _ok(r.status, body):
+                raise RuntimeError(f"interactive request: {r.status} {str(body)[:300]}")
+        out.append((body["id"], sent, time.time()))
     return out
 
 

@@ -146,10 +146,7 @@ class TaskWatcher:
                             outcome_only.append(self._base[tid])
                         else:  # answered from the wake-up: no read
                             self._deliver_locked([_ended(self._base[tid], outcome)])
-                if wanted:
-                    self._deliver(self.queue.get_many(wanted).values())
-                if outcome_only:
-                    self._deliver(self.queue.outcomes(outcome_only).values())
+                self._read(wanted, outcome_only)
                 if ended.unknown or time.monotonic() - last_look >= self.poll_s:
                     last_look = time.monotonic()
                     self._look()
@@ -182,6 +179,10 @@ class TaskWatcher:
                     outcome_only.append(self._base[tid])
                 else:
                     self._seen[tid] = st
+        self._read(wanted, outcome_only)
+
+    def _read(self, wanted: list[str], outcome_only: list[Task]) -> None:
+        """Deliver the rows of ``wanted`` and the outcomes of ``outcome_only``, read now."""
         if wanted:
             self._deliver(self.queue.get_many(wanted).values())
         if outcome_only:
