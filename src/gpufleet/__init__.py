@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 from gpufleet.errors import (
+    AgentLost,
     ApiError,
     Conflict,
     DatabaseNotFound,
@@ -58,6 +59,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AgentLost",
     "ApiError",
     "AsyncClient",
     "Client",

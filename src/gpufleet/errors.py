@@ -17,6 +17,7 @@ GpufleetError                         code             HTTP
 ├── IntegrityError                    integrity_error  500 (a stored file's digest is wrong)
 ├── IncompatibleGpu                   incompatible_gpu 422 (model needs another GPU or CUDA)
 ├── InsufficientGpu                   insufficient_gpu 409 (not enough GPU, memory or compute)
+├── AgentLost (worker)                agent_lost       503 (a worker's queue agent exited)
 ├── ApiError (client)                 api_error        502 (or the server's code and status)
 ├── TaskFailed (client: run)          task_failed      409
 ├── TaskCancelled (client: run)       task_cancelled   409
@@ -164,6 +165,14 @@ class Unavailable(GpufleetError):
     """A dependency (database, blob store) cannot take the request now; retry later."""
 
     code = "unavailable"
+    http_status = 503
+
+
+class AgentLost(GpufleetError):
+    """A worker's queue agent (``worker.agent``) exited: the worker gives its tasks back and
+    stops, to be restarted. Not an ``Unavailable``: retrying through a dead agent cannot help."""
+
+    code = "agent_lost"
     http_status = 503
 
 

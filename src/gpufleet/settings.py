@@ -7,6 +7,7 @@ values, so library code and tests never depend on the process environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     batch_lane_every: int = Field(default=4, ge=1)
     # Queued tasks one tenant may have before submits get 429 quota_exceeded; 0: no limit.
     max_queued_per_tenant: int = Field(default=100_000, ge=0)
+    # A worker's claims and result commits that overlap predict run in a child process, so a
+    # Python-bound model keeps the GIL (worker.agent). auto: on when the worker may use at
+    # least 4 CPUs (on fewer the extra process competes with the API for them).
+    queue_agent: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("data_dir", "blob_dir", "registry_dir")
     @classmethod

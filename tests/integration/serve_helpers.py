@@ -32,6 +32,15 @@ def children(pid: int) -> list[int]:
     return process_children().get(pid, [])
 
 
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (which nobody may reap in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 class Serve:
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir

@@ -20,7 +20,7 @@ import pytest
 
 from gpufleet.queue import TaskQueue, TaskSpec
 from gpufleet.store import LocalBlobStore, create_engine
-from tests.integration.serve_helpers import Serve, serving, wait_done
+from tests.integration.serve_helpers import Serve, children, gone, serving, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -198,8 +198,12 @@ def test_webhook_is_called_when_the_task_ends(served: Serve) -> None:
     assert call["result"]["digit"] == 7
 
 
-def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path) -> None:
-    with serving(tmp_path, "--cpu-slots", "2", env={"GPUFLEET_LEASE_S": "2"}) as s:
+@pytest.mark.parametrize("agent", ["on", "off"])
+def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path, agent: str) -> None:
+    """With a queue agent too (worker.agent): it dies with its worker, and nothing it was
+    claiming or committing is lost."""
+    env = {"GPUFLEET_LEASE_S": "2", "GPUFLEET_QUEUE_AGENT": agent}
+    with serving(tmp_path, "--cpu-slots", "2", env=env) as s:
         with s.client() as c:
             ids = [
                 c.post("/v1/tasks", json={"model": "digits",
@@ -208,6 +212,8 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path) -> None:
             ]  # fmt: skip
             time.sleep(1.0)  # workers are mid-batch
             victim = s.workers()[0]
+            agents = children(victim)  # the agent (and multiprocessing's resource tracker)
+            assert bool(agents) == (agent == "on")
             os.kill(victim, signal.SIGKILL)
             views = wait_done(c, ids, timeout=180)
             assert all(v["status"] == "succeeded" for v in views.values())
@@ -220,13 +226,16 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert m["workers"]["ready"] == 2
         assert victim not in s.workers()
+        assert all(gone(pid) for pid in agents)
 
 
 # 600 slow tasks are more than 10 s of work on one CPU slot, and the restart runs what is left:
 # on a loaded 2-core machine under xdist that took over four minutes (pytest-timeout is 300 s).
 @pytest.mark.timeout(600)
 def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> None:
-    s = Serve(tmp_path, "--cpu-slots", "1", "--grace", "10").start()
+    # With a queue agent: the drain's last results commit through it before it stops.
+    env = {"GPUFLEET_QUEUE_AGENT": "on"}
+    s = Serve(tmp_path, "--cpu-slots", "1", "--grace", "10", env=env).start()
     q = TaskQueue(create_engine(f"sqlite:///{tmp_path / 'gpufleet.db'}"),
                   LocalBlobStore(tmp_path / "blobs"))  # fmt: skip
     slow = TaskSpec("digits", "1", {"prompt": "2", "steps": 100}, lane="batch")

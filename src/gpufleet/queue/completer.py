@@ -22,29 +22,37 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gpufleet.errors import GpufleetError, Unavailable
 from gpufleet.queue.tasks import Completion
-
-if TYPE_CHECKING:
-    from gpufleet.queue.claim import WorkerOps
 
 log = logging.getLogger(__name__)
 
 _Batch = tuple[list[tuple[str, Any]], "Future[Completion]"]
 
 
+class ResultSink(Protocol):
+    """Where results commit: the queue itself (``WorkerOps``), or the worker's queue agent
+    (``worker.agent``), which runs the queue's own ``complete_many`` in another process."""
+
+    lease_s: float
+
+    def complete_many(self, worker_id: str, results: Sequence[tuple[str, Any]]) -> Completion: ...
+
+
 class Completer:
     def __init__(
         self,
-        queue: WorkerOps,
+        queue: ResultSink,
         worker_id: str,
         *,
         max_pending: int = 64,
         retry_for_s: float | None = None,
+        inline_sink: ResultSink | None = None,
     ) -> None:
         self.queue = queue
+        self.inline_sink = inline_sink or queue  # where inline commits go
         self.worker_id = worker_id
         self.max_pending = max_pending
         self.retry_for_s = queue.lease_s if retry_for_s is None else retry_for_s
@@ -64,8 +72,8 @@ class Completer:
         wait already (back-pressure on a worker faster than its database).
 
         ``inline``: when nothing else is pending, commit in the calling thread before
-        returning (a worker with no next batch to run: handing over to the completer's
-        thread would only add a thread switch to its clients' latency)."""
+        returning, to ``inline_sink`` (a worker with no next batch to run: handing over to
+        the completer's thread would only add a thread switch to its clients' latency)."""
         future: Future[Completion] = Future()
         with self._cond:
             if self._closed:
@@ -76,7 +84,7 @@ class Completer:
                 inline = False
         if inline:
             try:
-                self._commit([(list(results), future)])
+                self._commit([(list(results), future)], self.inline_sink)
             finally:
                 with self._cond:
                     self._busy = False
@@ -132,22 +140,22 @@ class Completer:
                 self._busy = True
                 self._cond.notify_all()  # room for submitters blocked on max_pending
             try:
-                self._commit(group)
+                self._commit(group, self.queue)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _commit(self, group: list[_Batch]) -> None:
+    def _commit(self, group: list[_Batch], sink: ResultSink) -> None:
         merged = [item for results, _ in group for item in results]
         try:
-            report = self._with_retry(merged)
+            report = self._with_retry(merged, sink)
         except GpufleetError as e:
             if len(group) == 1 or isinstance(e, Unavailable):
                 _fail(group, e)
                 return
             for batch in group:  # find the batch at fault; the others commit
-                self._commit([batch])
+                self._commit([batch], sink)
             return
         except BaseException as e:  # a bug or a driver error: every waiter must hear of it
             log.exception("completing %d results failed", len(merged))
@@ -163,12 +171,12 @@ class Completer:
                 )
             )
 
-    def _with_retry(self, merged: list[tuple[str, Any]]) -> Completion:
+    def _with_retry(self, merged: list[tuple[str, Any]], sink: ResultSink) -> Completion:
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.05
         while True:
             try:
-                return self.queue.complete_many(self.worker_id, merged)
+                return sink.complete_many(self.worker_id, merged)
             except Unavailable as e:
                 if time.monotonic() + delay > deadline:
                     raise

@@ -30,6 +30,13 @@ that arrives meanwhile makes that batch), and results commit in the background
 its client is waiting. A wait for more work never lasts longer than a batch runs
 (``worker.batching``), so a model faster than the platform never waits.
 
+The claims and commits that overlap ``predict`` (the claim ahead, the background results
+commit) may go through a queue agent (``ops``, ``worker.agent``): the queue's own code in a
+child process, so that a Python-bound ``predict`` keeps the GIL. Those made while nothing runs
+(a lone request's claim and results) stay in this process: one pipe round trip less each, on
+the path a waiting client pays. If the agent exits, the loop ends (``agent_lost``), releasing
+what it holds on its own connection.
+
 Heartbeats run on their own thread and report cancel requests and lost leases: a task
 cancelled while queued in this worker's batch is dropped before ``predict``, and one
 cancelled during ``predict`` ends ``cancelled`` when its result arrives.
@@ -45,18 +52,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from gpufleet.errors import GpufleetError, InvalidInput, LeaseLost, TaskFinished
+from gpufleet.errors import AgentLost, GpufleetError, InvalidInput, LeaseLost, TaskFinished
 from gpufleet.gpu.compat import Finding
 from gpufleet.gpu.cuda_errors import context_lost, explain
 from gpufleet.models.runtime import ItemError, ModelRunner, is_out_of_memory, release_cuda_cache
 from gpufleet.monitor import metrics
 from gpufleet.queue import Completer, Completion, Lane, Task, TaskError, TaskQueue, TaskStatus
+from gpufleet.queue.completer import ResultSink
 from gpufleet.worker.batching import BatchWindow, moving_average
 from gpufleet.worker.crash import explained_error, model_traceback, short_error
 from gpufleet.worker.limits import WorkerLimits
@@ -65,6 +73,21 @@ log = logging.getLogger(__name__)
 
 PIPELINE_MIN_S = 0.002  # a predict shorter than two claims and this gains nothing by overlap
 _Results = tuple[list[Task], list[tuple[str, Any]]]  # a batch's tasks, and (id, output) pairs
+
+
+class ClaimOps(ResultSink, Protocol):
+    """Claims and result commits: the queue itself, or a ``QueueAgent``."""
+
+    def claim(
+        self,
+        model: str,
+        version: str,
+        worker_id: str,
+        *,
+        lanes: Iterable[str] = ...,
+        max_n: int = 1,
+        lease_s: float | None = None,
+    ) -> list[Task]: ...
 
 
 @dataclass
@@ -98,8 +121,10 @@ class Worker:
         config: WorkerConfig,
         *,
         on_ready: Callable[[], None] | None = None,
+        ops: ClaimOps | None = None,
     ) -> None:
         self.queue = queue
+        self.ops: ClaimOps = ops if ops is not None else queue  # those that overlap predict
         self.runner = runner
         self.config = config
         self.on_ready = on_ready
@@ -118,6 +143,7 @@ class Worker:
         self._claim_s: float | None = None  # moving average of a claim's round trip
         # Set when a CUDA failure left the context unusable: the loop ends, the process exits.
         self.context_lost: Finding | None = None
+        self.agent_lost: AgentLost | None = None  # the queue agent exited: the same
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -143,7 +169,7 @@ class Worker:
             target=self._heartbeats, args=(beat_stop,), name="heartbeat", daemon=True
         )
         beats.start()
-        self._completer = Completer(self.queue, cfg.worker_id)
+        self._completer = Completer(self.ops, cfg.worker_id, inline_sink=self.queue)
         claims = ThreadPoolExecutor(1, thread_name_prefix="claim-ahead")
         ahead: Future[list[Task]] | None = None
         try:
@@ -155,12 +181,15 @@ class Worker:
             # claims. On the completer's thread the commit would wait for the GIL at every
             # step while predict launches kernels (up to 5 ms a switch).
             results: _Results | None = None
-            while not stop.is_set() and self.context_lost is None:
+            while not self._stopping(stop):
                 if results is not None:
                     self._hand_on(results, inline=ahead is None)
                     results = None
                 try:
                     batch = ahead.result() if ahead is not None else self._gather(stop)
+                except AgentLost as e:
+                    self._lose_agent(e)
+                    break
                 except GpufleetError as e:  # an outage: keep the model loaded, try again
                     log.warning("claim failed: %s; retrying", e)
                     batch = []
@@ -176,7 +205,7 @@ class Worker:
                 except GpufleetError as e:
                     log.warning("waiting for work failed: %s; retrying", e)
                     stop.wait(1.0)
-            if results is not None:
+            if results is not None and self.agent_lost is None:
                 self._hand_on(results)
         finally:
             if ahead is not None:  # its tasks are held: release_held gives them back
@@ -189,10 +218,20 @@ class Worker:
             self.release_held()
         return self.stats
 
-    def _claim(self, n: int) -> list[Task]:
+    def _stopping(self, stop: threading.Event) -> bool:
+        return stop.is_set() or self.context_lost is not None or self.agent_lost is not None
+
+    def _lose_agent(self, error: AgentLost) -> None:
+        if self.agent_lost is None:
+            self.agent_lost = error
+            log.error("%s; this worker releases its tasks and stops, to be restarted", error)
+
+    def _claim(self, n: int, ops: ClaimOps | None = None) -> list[Task]:
+        """Claim up to ``n`` tasks through ``ops`` (this process's queue by default)."""
         cfg = self.config
         started = time.monotonic()
-        tasks = self.queue.claim(cfg.model, cfg.version, cfg.worker_id, lanes=cfg.lanes, max_n=n)
+        via = ops if ops is not None else self.queue
+        tasks = via.claim(cfg.model, cfg.version, cfg.worker_id, lanes=cfg.lanes, max_n=n)
         self._claim_s = moving_average(self._claim_s, time.monotonic() - started)
         with self._lock:
             for t in tasks:
@@ -221,7 +260,7 @@ class Worker:
         delay = started + (self.window.run_s or 0.0) - lead - time.monotonic()
         if delay > 0 and stop.wait(delay):
             return []  # stopping: the batch in hand is the last
-        return self._claim(self.max_batch)
+        return self._claim(self.max_batch, self.ops)  # while predict runs: through the agent
 
     def _gather(self, stop: threading.Event) -> list[Task]:
         batch = self._claim(self.max_batch)
@@ -376,6 +415,9 @@ class Worker:
                 except GpufleetError as e:  # its lease runs out and it is retried
                     log.error("result of task %s not recorded: %s", tid, e)
                     self._forget([tid])
+        elif isinstance(error, AgentLost):  # still held: release_held gives them back
+            self._lose_agent(error)
+            return
         elif error is not None:
             # Unavailable past the retry period: the leases run out and the tasks are retried.
             log.error("results of %d tasks were not recorded: %s", len(done), error)

@@ -12,6 +12,10 @@ A model that cannot load on this device or from these files exits with code 4 (`
 and the reason on stderr). A CUDA failure that loses the context (an illegal address, a
 device-side assert) sends the batch back to the queue and exits with code 5; the supervisor
 restarts the process.
+
+With a queue agent (``GPUFLEET_QUEUE_AGENT``, ``worker.agent``), the claims and result commits
+that overlap predict run in a child process, started before the model loads. If it exits, the
+worker releases its tasks and exits with code 6; the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from gpufleet.models.runtime import ModelRunner
 EXIT_REFUSED = 4
 # A CUDA failure left the context unusable (gpu.cuda_errors.context_lost): restart the process.
 EXIT_CONTEXT_LOST = 5
+# The worker's queue agent exited (worker.agent): restart the process.
+EXIT_AGENT_LOST = 6
 
 
 def load_runner(spec: str) -> ModelRunner:
@@ -94,11 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     from gpufleet.errors import GpufleetError, IncompatibleGpu, IntegrityError
     from gpufleet.queue import TaskQueue
     from gpufleet.settings import Settings
+    from gpufleet.worker import agent as queue_agent
     from gpufleet.worker.loop import Worker, WorkerConfig
 
+    settings = Settings()
+    agent: queue_agent.QueueAgent | None = None
+    if queue_agent.wanted(settings.queue_agent):
+        # Started first: its interpreter starts and opens the queue while the model loads.
+        agent = queue_agent.QueueAgent(queue_agent.settings_queue, lease_s=settings.lease_s)
     try:
         runner = load_runner(args.model)
     except GpufleetError as exc:  # a bad model.yaml, an unknown model: restarting cannot help
+        if agent is not None:
+            agent.close()
         print(f"refused: {exc}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
     from gpufleet.models.loader import CheckedRunner
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         # A fresh process reads its weights while it imports torch. A standby has torch: its
         # load reads them at full speed and checks them while the model warms up.
         runner.prefetch()
-    queue = TaskQueue.from_settings(Settings())
+    queue = TaskQueue.from_settings(settings)
     config = WorkerConfig(
         model=runner.info.name,
         version=runner.info.version,
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         print("ready", flush=True)
 
-    worker = Worker(queue, runner, config, on_ready=ready)
+    worker = Worker(queue, runner, config, on_ready=ready, ops=agent)
     stop = threading.Event()
 
     def hard_stop() -> None:
@@ -155,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         worker.run(stop)
     except (IncompatibleGpu, IntegrityError) as exc:  # from load or warmup: before any claim
         print(f"refused: {exc}", file=sys.stderr, flush=True)
-        queue.close()
         return EXIT_REFUSED
-    queue.close()
+    finally:
+        if agent is not None:
+            agent.close()
+        queue.close()
     if worker.context_lost is not None:
         lost = worker.context_lost
         print(f"CUDA context lost: {lost.found}. Fix: {lost.fix}", file=sys.stderr, flush=True)
         return EXIT_CONTEXT_LOST
+    if worker.agent_lost is not None:
+        print(f"{worker.agent_lost}", file=sys.stderr, flush=True)
+        return EXIT_AGENT_LOST
     return 0
 
 
