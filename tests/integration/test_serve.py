@@ -229,19 +229,23 @@ def test_sigkill_of_a_worker_mid_batch_loses_nothing(tmp_path: Path, agent: str)
         assert all(gone(pid) for pid in agents)
 
 
-# 600 slow tasks are more than 10 s of work on one CPU slot, and the restart runs what is left:
-# on a loaded 2-core machine under xdist that took over four minutes (pytest-timeout is 300 s).
+BENCH_MODELS = Path(__file__).resolve().parents[2] / "bench" / "models"
+FIXED_COST = BENCH_MODELS / "fixed_cost"
+
+
 @pytest.mark.timeout(600)
 def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> None:
-    # With a queue agent: the drain's last results commit through it before it stops.
-    env = {"GPUFLEET_QUEUE_AGENT": "on"}
-    s = Serve(tmp_path, "--cpu-slots", "1", "--grace", "10", env=env).start()
+    # A model that waits 0.5 s a batch of up to 32 with the CPU free, so that however fast or
+    # loaded the machine, 7 batches are more than the second before SIGTERM and the drain
+    # (the batch in hand) can finish: some tasks are still queued when it ends. With a queue
+    # agent: the drain's last results commit through it before it stops.
+    env = {"GPUFLEET_QUEUE_AGENT": "on", "SLEEP_MS": "500"}
+    args = ("--model", str(BENCH_MODELS / "sleep"), "--cpu-slots", "1")
+    s = Serve(tmp_path, *args, "--grace", "10", env=env).start()
     q = TaskQueue(create_engine(f"sqlite:///{tmp_path / 'gpufleet.db'}"),
                   LocalBlobStore(tmp_path / "blobs"))  # fmt: skip
-    slow = TaskSpec("digits", "1", {"prompt": "2", "steps": 100}, lane="batch")
-    # Seven batches of 32 at 100 steps: seconds of work on one CPU slot, so some are still
-    # queued when the drain ends, and a restart runs the rest without minutes of CPU.
-    ids = [sub.task.id for sub in q.submit_many([slow] * 200)]
+    ids = [sub.task.id for sub in q.submit_many(
+        [TaskSpec("sleep", "1", {"n": i}, lane="batch") for i in range(200)])]  # fmt: skip
     time.sleep(1.0)
     started = time.monotonic()
     assert s.stop(signal.SIGTERM, timeout=30) == 0
@@ -253,7 +257,7 @@ def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path: Path) -> Non
     assert states <= {"succeeded", "queued"}
     assert "queued" in states
     # Restart on the same data dir: the rest runs, nothing is lost.
-    with serving(tmp_path, "--cpu-slots", "1") as again, again.client(s.key) as c:
+    with serving(tmp_path, *args, env=env) as again, again.client(s.key) as c:
         done = wait_done(c, ids, timeout=480)
     assert all(v["status"] == "succeeded" for v in done.values())
 
@@ -283,9 +287,8 @@ def test_ctrl_c_stops_without_restarting_anything(tmp_path: Path) -> None:
 
 
 def test_cancel_a_running_task(tmp_path: Path) -> None:
-    model = Path(__file__).resolve().parents[2] / "bench" / "models" / "fixed_cost"
     env = {"FIXED_COST_MS": "3000", "GPUFLEET_LEASE_S": "3"}  # heartbeats every second
-    with serving(tmp_path, "--model", str(model), env=env) as s, s.client() as c:
+    with serving(tmp_path, "--model", str(FIXED_COST), env=env) as s, s.client() as c:
         tid = c.post("/v1/tasks", json={"model": "fixed-cost", "input": {"n": 1}}).json()["id"]
         deadline = time.monotonic() + 30
         while c.get(f"/v1/tasks/{tid}").json()["status"] != "running":

@@ -3,6 +3,7 @@ single retry after a batch error, out-of-memory halving, cancellation and draini
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -106,6 +107,27 @@ def test_tasks_run_in_batches_up_to_the_limit(q: TaskQueue) -> None:
         assert tasks[tid].status == TaskStatus.SUCCEEDED
         assert q.load_result(tasks[tid]) == i * 2
     assert worker.stats.succeeded == 10
+
+
+class Frozen(Doubler):
+    """Records whether the objects alive before serving were out of the collector's way."""
+
+    frozen: list[int]
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        self.frozen = [*getattr(self, "frozen", []), gc.get_freeze_count()]
+        return super().predict(inputs)
+
+
+def test_what_was_loaded_is_frozen_for_the_collector_while_serving(q: TaskQueue) -> None:
+    """After warmup, what is alive (the model, its framework) moves to the collector's
+    permanent generation, so collections while serving do not scan it; unfrozen at the end."""
+    ids = _submit(q, [1, 2])
+    model = Frozen()
+    with Running(q, model):
+        _wait_finished(q, ids)
+    assert model.frozen and all(n > 0 for n in model.frozen)
+    assert gc.get_freeze_count() == 0
 
 
 def test_tasks_arriving_together_wait_up_to_the_queue_delay_for_more(q: TaskQueue) -> None:
