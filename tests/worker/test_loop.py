@@ -208,6 +208,24 @@ def test_under_a_deep_queue_an_interactive_task_makes_the_next_batch(q: TaskQueu
     assert len(model.batches[running]) == 2  # topped up from the backlog
 
 
+def test_an_interactive_result_commits_ahead_of_its_batch_lane_batch_mates(q: TaskQueue) -> None:
+    """An interactive task that joined a batch-lane batch has its result committed first, on
+    its own: its client waits, the batch lane's do not."""
+    ids = _backlog(q, 20)
+    model = Slow(0.3, max_batch=4)
+    with Running(q, model):
+        running = _wait_batches(model, 2)  # deep, with the run time known: claims ahead
+        [urgent] = _submit(q, [1])
+        _wait_finished(q, [urgent])
+        _wait_batches(model, running + 2)  # the batch after it has run: its mates are done
+    [batch] = [b for b in model.batches if 1 in b]
+    assert len(batch) > 1
+    tasks = {t.input: t for t in q.get_many([*ids, urgent]).values()}
+    mates = [tasks[x] for x in batch if x != 1]
+    assert all(t.status == TaskStatus.SUCCEEDED for t in mates)
+    assert all(tasks[1].finished_at < t.finished_at for t in mates)  # type: ignore[operator]
+
+
 def test_with_a_slow_model_a_batch_of_several_is_followed_back_to_back(q: TaskQueue) -> None:
     """When predict is long enough to hide a claim, the next batch is claimed during this
     one's run even when it is not full: its tasks start before this batch's results commit."""

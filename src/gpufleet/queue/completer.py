@@ -97,6 +97,17 @@ class Completer:
             self._cond.notify_all()
         return future
 
+    def commit_now(self, results: Sequence[tuple[str, Any]]) -> Future[Completion]:
+        """Commit ``results`` in the calling thread at once, to ``inline_sink``, ahead of what
+        is pending (the results of tasks whose clients wait while batch work is deep). The
+        tasks must not be in any pending batch; the future is done when this returns."""
+        future: Future[Completion] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("completer is closed")
+        self._commit([(list(results), future)], self.inline_sink)
+        return future
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch submitted so far is committed (or has failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout

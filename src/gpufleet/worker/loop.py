@@ -27,8 +27,10 @@ long enough to hide a claim, the GPU does not wait for the database: the next ba
 while this one runs, as late as still has it in hand when predict ends (so an interactive task
 that arrives meanwhile makes that batch), and results commit in the background
 (``Completer``). A lone task's results are committed before the next claim, in this thread:
-its client is waiting. A wait for more work never lasts longer than a batch runs
-(``worker.batching``), so a model faster than the platform never waits.
+its client is waiting. So are an interactive task's when it ran in a batch of batch-lane
+work: alone, ahead of its batch-mates' (``Completer.commit_now``). A wait for more work
+never lasts longer than a batch runs (``worker.batching``), so a model faster than the
+platform never waits.
 
 The claims and commits that overlap ``predict`` (the claim ahead, the background results
 commit) may go through a queue agent (``ops``, ``worker.agent``): the queue's own code in a
@@ -323,8 +325,20 @@ class Worker:
         and now, when it has nothing else pending)."""
         live, done = results
         assert self._completer is not None
+        if not inline:
+            interactive = {t.id for t in live if t.lane == Lane.INTERACTIVE}
+            urgent = [r for r in done if r[0] in interactive]
+            if urgent and len(urgent) < len(done):
+                # A batch-lane batch that an interactive request joined: its client waits,
+                # so its result commits here and now, alone, ahead of the batch's others and
+                # of whatever the completer has pending (one small commit before the next
+                # predict, only while both lanes have work).
+                first = self._completer.commit_now(urgent)
+                first.add_done_callback(lambda f: self._completed(live, urgent, f))
+                done = [r for r in done if r[0] not in interactive]
         future = self._completer.submit(done, inline=inline)
-        future.add_done_callback(lambda f: self._completed(live, done, f))
+        rest = done
+        future.add_done_callback(lambda f: self._completed(live, rest, f))
 
     def _predict(self, batch: list[Task]) -> list[Any]:
         """Outputs for ``batch``, one per task: a value, an ItemError, or ``_UNRUN`` (the
