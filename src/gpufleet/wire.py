@@ -58,6 +58,11 @@ class TaskView(_Wire):
     queue_length: int | None = Field(
         None, description="with queue_position: the tasks queued in that lane in all"
     )
+    queue_capped: bool | None = Field(
+        None,
+        description="with queue_position: true when the lane holds more than 10,000 queued "
+        "tasks; both figures are counted up to 10,000, and 10,001 means more than that",
+    )
 
 
 class Submitted(_Wire):

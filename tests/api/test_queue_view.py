@@ -51,6 +51,7 @@ def test_a_queued_task_has_its_place_in_the_lane(client: Client) -> None:
     assert [(v.queue_position, v.queue_length) for v in views] == [(1, total), (2, total),
                                                                    (3, total)]  # fmt: skip
     assert total is not None and total >= 3
+    assert all(v.queue_capped is False for v in views)  # exact: far below the count's cap
     # A task that is not queued has none; nor has a listed one (a count for each is too dear).
     client.cancel(ids[0])
     assert (client.get(ids[0]).queue_position, client.get(ids[1]).queue_position) == (None, 1)

@@ -246,3 +246,23 @@ def test_the_real_command_in_a_subprocess(live_api: LiveApi, tmp_path: Path) -> 
     )  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.strip().startswith("not_found: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_a_place_past_the_apis_count_reads_over_it() -> None:
+    from datetime import UTC, datetime
+
+    from gpufleet.cli.tasks import place_text, progress_text
+    from gpufleet.wire import TaskView
+
+    base: dict[str, Any] = {
+        "id": "t1", "tenant": "default", "model": "m", "version": "1", "lane": "batch",
+        "priority": 0, "status": "queued", "attempts": 0, "max_attempts": 3,
+        "cancel_requested": False, "created_at": datetime.now(UTC), "started_at": None,
+        "finished_at": None, "error": None,
+    }  # fmt: skip
+    exact = TaskView(**base, queue_position=1234, queue_length=5678, queue_capped=False)
+    assert progress_text(exact) == "queued, position 1,234 of 5,678"
+    deep = TaskView(**base, queue_position=10_001, queue_length=10_001, queue_capped=True)
+    assert place_text(deep) == "position over 10,000 of over 10,000"
+    front = TaskView(**base, queue_position=2, queue_length=10_001, queue_capped=True)
+    assert place_text(front) == "position 2 of over 10,000"

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpufleet.queue import QueueStats, Task
+from gpufleet.queue import QueuePlace, QueueStats, Task
 from gpufleet.queue.validation import MAX_ATTEMPTS_LIMIT, PRIORITY_MAX, PRIORITY_MIN
 from gpufleet.wire import (
     BatchingView,
@@ -99,7 +99,7 @@ class InferRequest(TaskOptions):
     input: Any = Field(description="the model's input (its input_schema in GET /v1/models)")
 
 
-def task_view(t: Task, position: tuple[int, int] | None = None) -> TaskView:
+def task_view(t: Task, position: QueuePlace | None = None) -> TaskView:
     """The API's view of a task; ``position`` (its place in its lane, the lane's length) is
     given only where one task is asked for, since it costs a count."""
     return TaskView(
@@ -119,8 +119,9 @@ def task_view(t: Task, position: tuple[int, int] | None = None) -> TaskView:
         error=ErrorInfo(code=t.error.code, message=t.error.message) if t.error else None,
         webhook_url=t.webhook_url,
         result_url=f"/v1/tasks/{t.id}/result" if t.status.value == "succeeded" else None,
-        queue_position=position[0] if position else None,
-        queue_length=position[1] if position else None,
+        queue_position=position.position if position else None,
+        queue_length=position.length if position else None,
+        queue_capped=position.capped if position else None,
     )
 
 

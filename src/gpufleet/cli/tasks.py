@@ -139,13 +139,25 @@ def submit(
 # Off a terminal a queued task's moving place is a line at most this often (its state changes
 # are a line each).
 PLAIN_POSITION_EVERY_S = 5.0
+POSITION_COUNTED = 10_000  # the API counts a queue position up to this (queue_capped beyond)
+
+
+def place_text(view: TaskView) -> str:
+    """``position 3 of 10``; past the count's cap, ``position over 10,000 of over 10,000``."""
+
+    def figure(n: int | None) -> str:
+        if view.queue_capped and n is not None and n > POSITION_COUNTED:
+            return f"over {POSITION_COUNTED:,}"
+        return f"{n:,}" if n is not None else "?"
+
+    return f"position {figure(view.queue_position)} of {figure(view.queue_length)}"
 
 
 def progress_text(view: TaskView) -> str:
     """``queued, position 3 of 10`` / ``running (attempt 1 of 3)`` / ``succeeded``."""
     state: str = view.status
     if view.status == "queued" and view.queue_position is not None:
-        state += f", position {view.queue_position} of {view.queue_length}"
+        state += f", {place_text(view)}"
     if view.status == "running":
         state = f"running (attempt {view.attempts} of {view.max_attempts})"
     if view.cancel_requested and not view.finished_at:
@@ -244,7 +256,7 @@ def status(
     grid.add_row("lane", f"{view.lane} (priority {view.priority})")
     state = view.status + (", cancel requested" if view.cancel_requested else "")
     if view.queue_position is not None:
-        state += f", position {view.queue_position} of {view.queue_length} in its lane"
+        state += f", {place_text(view)} in its lane"
     grid.add_row("status", state)
     grid.add_row("attempts", f"{view.attempts} of {view.max_attempts}")
     for name, at in (("created", view.created_at), ("started", view.started_at),

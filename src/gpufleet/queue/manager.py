@@ -22,8 +22,10 @@ from gpufleet.queue.core import utcnow
 from gpufleet.queue.notify import finished_topics
 from gpufleet.queue.submission import SubmissionOps
 from gpufleet.queue.tasks import (
+    POSITION_CAP,
     DepthRow,
     Lane,
+    QueuePlace,
     QueueStats,
     Recovery,
     Task,
@@ -154,20 +156,25 @@ class TaskQueue(SubmissionOps, WorkerOps):
             ]
         )
 
-    def queue_position(self, task: Task) -> tuple[int, int] | None:
+    def queue_position(self, task: Task) -> QueuePlace | None:
         """A queued task's place in its lane, in the order claims take them (1: next), and
-        the lane's length; ``None`` once it is no longer queued."""
+        the lane's length, each counted up to ``POSITION_CAP`` (beyond, ``capped`` is set and
+        the figure reads ``POSITION_CAP + 1``: more than that); ``None`` once it is no longer
+        queued. Costs at most a few thousand index entries however deep the backlog."""
         if task.status != TaskStatus.QUEUED:
             return None
+        cap = POSITION_CAP + 1
         params = {
             "p_model": task.model, "p_version": task.model_version, "p_lane": task.lane.value,
-            "p_priority": task.priority, "p_id": task.id,
+            "p_priority": task.priority, "p_id": task.id, "p_cap": cap,
         }  # fmt: skip
         with read_tx(self.engine) as conn:
-            ahead, total, present = conn.execute(sql.QUEUE_POSITION, params).one()
+            higher, older, total, present = conn.execute(sql.QUEUE_POSITION, params).one()
         if not present:
             return None  # claimed (or cancelled) since it was read
-        return int(ahead) + 1, int(total)
+        position = min(int(higher) + int(older) + 1, cap)
+        length = max(int(total), position)
+        return QueuePlace(position, length, capped=length >= cap)
 
     def purge_finished(self, older_than: timedelta) -> int:
         """Delete tasks that finished more than ``older_than`` ago; returns how many."""

@@ -26,7 +26,7 @@ from gpufleet.models.input_check import InputCheck
 from gpufleet.monitor import metrics
 from gpufleet.queue.batcher import SubmitBatcher
 from gpufleet.queue.manager import TaskQueue
-from gpufleet.queue.tasks import Submission, Task, TaskSpec, TaskStatus
+from gpufleet.queue.tasks import QueuePlace, Submission, Task, TaskSpec, TaskStatus
 from gpufleet.queue.validation import PreparedTask
 from gpufleet.queue.watch import TaskWatcher
 
@@ -118,7 +118,7 @@ class TaskService:
     async def get(self, task_id: str, tenant: str | None = None) -> Task:
         return await asyncio.to_thread(self.queue.get, task_id, tenant)
 
-    async def queue_position(self, task: Task) -> tuple[int, int] | None:
+    async def queue_position(self, task: Task) -> QueuePlace | None:
         """``TaskQueue.queue_position``, off the event loop (a queued task only: the others
         have none, and need no thread to say so)."""
         if task.status != TaskStatus.QUEUED:

@@ -227,21 +227,33 @@ PG_COMPLETE_BATCH = sa.text(
 FINISHED_STATUS = sa.select(t.id, t.status).where(t.id.in_(_ids))
 
 # A queued task's place in its lane, in the claim's order (priority DESC, then id): how many
-# queued tasks of its model version and lane come before it, and how many there are. One range
-# of ix_tasks_claim WHERE queued. Tasks in retry backoff count: they are claimed when due.
+# queued tasks of its model version and lane come before it, and how many there are, each
+# counted up to :p_cap (a count over the whole backlog cost 20 ms at 100,000 queued tasks on
+# SQLite, on every GET of a task and every second of its event stream). Three ranges of
+# ix_tasks_claim WHERE queued, each stopping at :p_cap rows: higher priority; the same priority
+# and older; the lane. Tasks in retry backoff count: they are claimed when due.
 _p_priority = sa.bindparam("p_priority", type_=sa.Integer)
 _p_id: sa.BindParameter[str] = sa.bindparam("p_id")
-_ahead = sa.or_(t.priority > _p_priority, sa.and_(t.priority == _p_priority, t.id < _p_id))
-QUEUE_POSITION = sa.select(
-    sa.func.coalesce(sa.func.sum(sa.case((_ahead, 1), else_=0)), 0),
-    sa.func.count(),
-    # Whether the task itself is still there (not claimed since it was read).
-    sa.func.coalesce(sa.func.sum(sa.case((t.id == _p_id, 1), else_=0)), 0),
-).where(
+_p_cap = sa.bindparam("p_cap", type_=sa.Integer)
+_in_lane = (
     IS_QUEUED,
     t.model == sa.bindparam("p_model"),
     t.model_version == sa.bindparam("p_version"),
     t.lane == sa.bindparam("p_lane"),
+)
+
+
+def _count_upto(*where: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
+    rows = sa.select(t.id).where(*_in_lane, *where).limit(_p_cap).subquery()
+    return sa.select(sa.func.count()).select_from(rows).scalar_subquery()
+
+
+QUEUE_POSITION = sa.select(
+    _count_upto(t.priority > _p_priority),
+    _count_upto(t.priority == _p_priority, t.id < _p_id),
+    _count_upto(),
+    # Whether the task itself is still there (not claimed since it was read).
+    sa.exists().where(*_in_lane, t.id == _p_id),
 )
 
 # Quota: a tenant's queued tasks. Uses ix_tasks_tenant_queued (tenant) WHERE queued.

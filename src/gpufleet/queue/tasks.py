@@ -197,6 +197,21 @@ class DepthRow:
     oldest_age_s: float | None  # age of the oldest task in this row (queued rows: wait so far)
 
 
+# A queued task's place and its lane's length are counted up to this many (queue_position).
+POSITION_CAP = 10_000
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """A queued task's place in its lane (1: claimed next) and the lane's length. Counted up
+    to ``POSITION_CAP``: with ``capped``, ``length`` (and ``position`` when the task is that far
+    back) reads ``POSITION_CAP + 1``, meaning more than ``POSITION_CAP``."""
+
+    position: int
+    length: int
+    capped: bool = False
+
+
 @dataclass(frozen=True)
 class QueueStats:
     depth: list[DepthRow]
