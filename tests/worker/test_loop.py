@@ -70,7 +70,7 @@ class Running:
 
     def __init__(self, q: TaskQueue, model: Doubler, **config: Any) -> None:
         self.ready = threading.Event()
-        cfg = WorkerConfig("double", "1", "w1", idle_poll_s=0.2, **config)
+        cfg = WorkerConfig("double", "1", "w1", **{"idle_poll_s": 0.2, **config})
         self.worker = Worker(q, model, cfg, on_ready=self.ready.set)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.worker.run, args=(self.stop,))
@@ -149,6 +149,36 @@ def test_a_lone_task_starts_at_once(q: TaskQueue) -> None:
         tasks = _wait_finished(q, ids)
     assert tasks[ids[0]].status == TaskStatus.SUCCEEDED
     assert model.batches == [[1]]
+
+
+def test_after_a_short_batch_the_worker_waits_for_a_wake_up_not_another_claim(
+    q: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that came back short emptied the queue: the worker waits for a wake-up
+    rather than claim again at once (that empty claim was a write transaction per request)."""
+    claims: list[int] = []
+    claim = q.claim
+
+    def counting(*args: Any, **kwargs: Any) -> list[Any]:
+        got = claim(*args, **kwargs)
+        claims.append(len(got))
+        return got
+
+    monkeypatch.setattr(q, "claim", counting)
+    model = Doubler(max_batch=4)
+    running = Running(q, model, idle_poll_s=60.0)  # no safety-net poll during the test
+    with running:
+        _wait_finished(q, _submit(q, [0]))  # the worker is waiting for wake-ups now
+        time.sleep(0.2)
+        before = len(claims)
+        ids = _submit(q, [1, 2])
+        _wait_finished(q, ids)
+        time.sleep(0.3)
+        assert claims[before:] == [2]
+        more = _submit(q, [3])  # and a wake-up still finds new work at once
+        _wait_finished(q, more, timeout=10)
+        running.stop.set()
+        _submit(q, [4])  # a wake-up, so that it sees the stop without waiting out the poll
 
 
 def test_a_wave_runs_as_soon_as_it_is_in(q: TaskQueue) -> None:

@@ -190,13 +190,22 @@ class Worker:
             # Otherwise latency comes first: this thread commits the results itself, then
             # claims. On the completer's thread the commit would wait for the GIL at every
             # step while predict launches kernels (up to 5 ms a switch).
+            #
+            # After a batch whose claim came back short, the queue had nothing more: the loop
+            # waits for a wake-up (one that came meanwhile is kept, and returns at once) instead
+            # of claiming again. That empty claim was a write transaction per request at one
+            # client, holding SQLite's write lock as the next request's submit committed.
             results: _Results | None = None
+            drained = False
             while not self._stopping(stop):
                 if results is not None:
                     self._hand_on(results, inline=ahead is None)
                     results = None
                 try:
-                    batch = ahead.result() if ahead is not None else self._gather(stop)
+                    if ahead is not None:
+                        batch = ahead.result()
+                    else:
+                        batch = [] if drained else self._gather(stop)
                 except AgentLost as e:
                     self._lose_agent(e)
                     break
@@ -205,9 +214,12 @@ class Worker:
                     batch = []
                     stop.wait(1.0)
                 ahead = None
+                drained = False
                 if batch:
                     if self._pipelined(len(batch)):
                         ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
+                    else:
+                        drained = len(batch) < self.max_batch
                     results = self._run_batch(batch)
                     continue
                 try:
