@@ -62,8 +62,6 @@ def report(result: dict[str, Any], rows: list[Row], json_path: Path | None) -> N
     for r in rows:
         detail.add_row(*r)
     console.print(detail)
-    if not result["targets"]:  # a diagnostic benchmark: nothing to meet
-        return
     table = Table("figure", "value", "target", "met", title=f"{name}: targets")
     for figure, t in result["targets"].items():
         table.add_row(figure, f"{t['value']:.2f}", f"{t['op']} {t['target']}", str(t["met"]))
