@@ -18,7 +18,6 @@ Environment passes through to the server, so A/B runs of a worker setting are on
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,20 +29,26 @@ sys.path.insert(0, str(HERE))
 from _report import Row, report, result  # noqa: E402
 from serve_bench import SERVED_NAME, Gpufleet, bare, model_input, sweep  # noqa: E402
 
-_SERIES = {
-    "inference": r'gpufleet_task_seconds_(sum|count)\{[^}]*stage="inference"[^}]*\} (\S+)',
-    "batch": r"gpufleet_batch_size_(sum|count)\{[^}]*\} (\S+)",
-}
-
 
 def read_metrics(server: Gpufleet) -> dict[str, float]:
-    """The worker's inference seconds and batch sizes so far (sums and counts)."""
+    """The worker's inference seconds and batch sizes so far (sums and counts, over labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     headers = {"Authorization": f"Bearer {server.key}"}
     text = httpx.get(server.url + "/metrics", headers=headers, timeout=10).text
-    out = {f"{name}_{kind}": 0.0 for name in _SERIES for kind in ("sum", "count")}
-    for name, pattern in _SERIES.items():
-        for kind, value in re.findall(pattern, text):
-            out[f"{name}_{kind}"] += float(value)
+    wanted = {
+        "gpufleet_task_seconds": "inference",  # only its stage="inference" samples
+        "gpufleet_batch_size": "batch",
+    }
+    out = {f"{name}_{kind}": 0.0 for name in wanted.values() for kind in ("sum", "count")}
+    for family in text_string_to_metric_families(text):
+        name = wanted.get(family.name)
+        if name is None:
+            continue
+        for sample in family.samples:
+            kind = sample.name.rsplit("_", 1)[-1]
+            if kind in ("sum", "count") and sample.labels.get("stage", "inference") == "inference":
+                out[f"{name}_{kind}"] += sample.value
     return out
 
 

@@ -16,6 +16,10 @@ LaneName = Literal["interactive", "batch"]
 StatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+# A queued task's place and its lane's length are counted up to this many (queue_capped beyond).
+QUEUE_POSITION_CAP = 10_000
+
+
 class _Wire(BaseModel):
     # Validators are built at first use, not at import: most processes that import the client
     # read two or three of these bodies.
@@ -60,8 +64,9 @@ class TaskView(_Wire):
     )
     queue_capped: bool | None = Field(
         None,
-        description="with queue_position: true when the lane holds more than 10,000 queued "
-        "tasks; both figures are counted up to 10,000, and 10,001 means more than that",
+        description=f"with queue_position: true when the lane holds more than "
+        f"{QUEUE_POSITION_CAP:,} queued tasks; both figures are counted up to "
+        f"{QUEUE_POSITION_CAP:,}, and {QUEUE_POSITION_CAP + 1:,} means more than that",
     )
 
 

@@ -139,15 +139,15 @@ def submit(
 # Off a terminal a queued task's moving place is a line at most this often (its state changes
 # are a line each).
 PLAIN_POSITION_EVERY_S = 5.0
-POSITION_COUNTED = 10_000  # the API counts a queue position up to this (queue_capped beyond)
 
 
 def place_text(view: TaskView) -> str:
     """``position 3 of 10``; past the count's cap, ``position over 10,000 of over 10,000``."""
+    from gpufleet.wire import QUEUE_POSITION_CAP
 
     def figure(n: int | None) -> str:
-        if view.queue_capped and n is not None and n > POSITION_COUNTED:
-            return f"over {POSITION_COUNTED:,}"
+        if view.queue_capped and n is not None and n > QUEUE_POSITION_CAP:
+            return f"over {QUEUE_POSITION_CAP:,}"
         return f"{n:,}" if n is not None else "?"
 
     return f"position {figure(view.queue_position)} of {figure(view.queue_length)}"

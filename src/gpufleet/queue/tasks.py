@@ -19,6 +19,8 @@ from typing import Any
 
 from sqlalchemy.engine import RowMapping
 
+from gpufleet.wire import QUEUE_POSITION_CAP
+
 
 class TaskStatus(enum.StrEnum):
     QUEUED = "queued"
@@ -197,8 +199,7 @@ class DepthRow:
     oldest_age_s: float | None  # age of the oldest task in this row (queued rows: wait so far)
 
 
-# A queued task's place and its lane's length are counted up to this many (queue_position).
-POSITION_CAP = 10_000
+POSITION_CAP = QUEUE_POSITION_CAP  # a queued task's place is counted up to this many
 
 
 @dataclass(frozen=True)

@@ -349,8 +349,7 @@ class Worker:
                 first.add_done_callback(lambda f: self._completed(live, urgent, f))
                 done = [r for r in done if r[0] not in interactive]
         future = self._completer.submit(done, inline=inline)
-        rest = done
-        future.add_done_callback(lambda f: self._completed(live, rest, f))
+        future.add_done_callback(lambda f: self._completed(live, done, f))
 
     def _predict(self, batch: list[Task]) -> list[Any]:
         """Outputs for ``batch``, one per task: a value, an ItemError, or ``_UNRUN`` (the
