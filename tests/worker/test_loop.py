@@ -233,27 +233,30 @@ def test_under_a_deep_queue_an_interactive_task_makes_the_next_batch(q: TaskQueu
         running = _wait_batches(model, 2)  # its run time is known from the first
         [urgent] = _submit(q, [1])
         _wait_finished(q, [urgent])
-    assert 1 in model.batches[running]  # the next batch to start after the one running
+    assert model.batches[running] == [1]  # the next to start after the one running, alone
     assert all(1 not in b for b in model.batches[:running])
-    assert len(model.batches[running]) == 2  # topped up from the backlog
 
 
-def test_an_interactive_result_commits_ahead_of_its_batch_lane_batch_mates(q: TaskQueue) -> None:
-    """An interactive task that joined a batch-lane batch has its result committed first, on
-    its own: its client waits, the batch lane's do not."""
+def test_an_interactive_task_claimed_with_batch_lane_work_runs_and_commits_first(
+    q: TaskQueue,
+) -> None:
+    """An interactive task claimed among batch-lane tasks runs in a predict of its own, before
+    them, and its result is committed before theirs: its client waits, the batch lane's do
+    not, and a full batch would take longer than it alone."""
     ids = _backlog(q, 20)
     model = Slow(0.3, max_batch=4)
     with Running(q, model):
         running = _wait_batches(model, 2)  # deep, with the run time known: claims ahead
         [urgent] = _submit(q, [1])
         _wait_finished(q, [urgent])
-        _wait_batches(model, running + 2)  # the batch after it has run: its mates are done
-    [batch] = [b for b in model.batches if 1 in b]
-    assert len(batch) > 1
+        _wait_batches(model, running + 3)  # its claim-mates' batch has run, and one more
+    at = model.batches.index([1])
+    mates = model.batches[at + 1]  # the rest of its claim: the batch lane's, after it
+    assert 0 < len(mates) < 4 and 1 not in mates
     tasks = {t.input: t for t in q.get_many([*ids, urgent]).values()}
-    mates = [tasks[x] for x in batch if x != 1]
-    assert all(t.status == TaskStatus.SUCCEEDED for t in mates)
-    assert all(tasks[1].finished_at < t.finished_at for t in mates)  # type: ignore[operator]
+    assert all(tasks[x].status == TaskStatus.SUCCEEDED for x in mates)
+    assert all(tasks[1].finished_at < tasks[x].finished_at for x in mates)  # type: ignore[operator]
+    assert all(tasks[x].started_at == tasks[1].started_at for x in mates)  # one claim
 
 
 def test_with_a_slow_model_a_batch_of_several_is_followed_back_to_back(q: TaskQueue) -> None:

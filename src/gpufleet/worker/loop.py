@@ -27,8 +27,9 @@ long enough to hide a claim, the GPU does not wait for the database: the next ba
 while this one runs, as late as still has it in hand when predict ends (so an interactive task
 that arrives meanwhile makes that batch), and results commit in the background
 (``Completer``). A lone task's results are committed before the next claim, in this thread:
-its client is waiting. So are an interactive task's when it ran in a batch of batch-lane
-work: alone, ahead of its batch-mates' (``Completer.commit_now``). A wait for more work
+its client is waiting. Interactive tasks claimed among batch-lane work run first, in a
+predict of their own, and their results commit at once in this thread, ahead of anything
+pending (``Completer.commit_now``); the batch-lane rest runs after them. A wait for more work
 never lasts longer than a batch runs (``worker.batching``), so a model faster than the
 platform never waits.
 
@@ -220,6 +221,15 @@ class Worker:
                         ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
                     else:
                         drained = len(batch) < self.max_batch
+                    urgent, rest = _split_lanes(batch)
+                    if urgent and rest:
+                        # Interactive tasks claimed among batch-lane work run first, in a
+                        # predict of their own, and their results commit at once: their
+                        # clients wait, and a batch of 32 takes longer than one of 2.
+                        first = self._run_batch(urgent, timed=False)
+                        if first is not None:
+                            self._hand_on(first, now=True)
+                        batch = rest
                     results = self._run_batch(batch)
                     continue
                 try:
@@ -303,8 +313,10 @@ class Worker:
         self.window.waited(len(batch) - claimed)
         return batch
 
-    def _run_batch(self, batch: list[Task]) -> _Results | None:
-        """Run ``batch``; failures are recorded here, results are returned to hand on."""
+    def _run_batch(self, batch: list[Task], *, timed: bool = True) -> _Results | None:
+        """Run ``batch``; failures are recorded here, results are returned to hand on.
+        ``timed``: its predict counts in the batch window's averages (not the interactive
+        part of a claim run apart: it would make a full batch look shorter than it runs)."""
         with self._lock:
             cancelled = {t.id for t in batch if t.id in self._cancel}
         for task in batch:
@@ -321,7 +333,7 @@ class Worker:
             if t.attempts == 1:  # the first claim: time in the queue, as the user saw it
                 wait = (now - t.created_at).total_seconds()
                 metrics.TASK_SECONDS.labels(t.model, t.lane.value, "queue_wait").observe(wait)
-        outputs = self._predict(live)
+        outputs = self._predict(live, timed=timed)
         done: list[tuple[str, Any]] = []
         for task, out in zip(live, outputs, strict=True):
             if out is _UNRUN:  # held; released uncounted when the loop ends
@@ -332,26 +344,20 @@ class Worker:
                 done.append((task.id, out))
         return (live, done) if done else None
 
-    def _hand_on(self, results: _Results, *, inline: bool = False) -> None:
+    def _hand_on(self, results: _Results, *, inline: bool = False, now: bool = False) -> None:
         """Results to the completer, which commits them in the background (``inline``: here
-        and now, when it has nothing else pending)."""
+        and now, when it has nothing else pending; ``now``: here and now, ahead of whatever is
+        pending)."""
         live, done = results
         assert self._completer is not None
-        if not inline:
-            interactive = {t.id for t in live if t.lane == Lane.INTERACTIVE}
-            urgent = [r for r in done if r[0] in interactive]
-            if urgent and len(urgent) < len(done):
-                # A batch-lane batch that an interactive request joined: its client waits,
-                # so its result commits here and now, alone, ahead of the batch's others and
-                # of whatever the completer has pending (one small commit before the next
-                # predict, only while both lanes have work).
-                first = self._completer.commit_now(urgent)
-                first.add_done_callback(lambda f: self._completed(live, urgent, f))
-                done = [r for r in done if r[0] not in interactive]
+        if now:
+            future = self._completer.commit_now(done)
+            future.add_done_callback(lambda f: self._completed(live, done, f))
+            return
         future = self._completer.submit(done, inline=inline)
         future.add_done_callback(lambda f: self._completed(live, done, f))
 
-    def _predict(self, batch: list[Task]) -> list[Any]:
+    def _predict(self, batch: list[Task], *, timed: bool = True) -> list[Any]:
         """Outputs for ``batch``, one per task: a value, an ItemError, or ``_UNRUN`` (the
         context was lost before it ran: it stays held, and is released uncounted). Never
         raises for a model's failure; OOM halves the batch, other errors retry items singly
@@ -364,7 +370,8 @@ class Worker:
             started = time.perf_counter()
             outputs = self.runner.predict([t.input for t in batch])
             elapsed = time.perf_counter() - started
-            self.window.ran(elapsed, len(batch))
+            if timed:
+                self.window.ran(elapsed, len(batch))
             if not isinstance(outputs, list) or len(outputs) != len(batch):
                 got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
                 raise TypeError(f"predict returned {got} outputs for {len(batch)} inputs")
@@ -546,3 +553,11 @@ class Worker:
 
 # An output slot for a task that never ran: the CUDA context was lost before its turn.
 _UNRUN: Any = object()
+
+
+def _split_lanes(batch: list[Task]) -> tuple[list[Task], list[Task]]:
+    """A claim's interactive tasks and its batch-lane tasks, each in claim order."""
+    urgent = [t for t in batch if t.lane == Lane.INTERACTIVE]
+    if not urgent or len(urgent) == len(batch):
+        return [], batch
+    return urgent, [t for t in batch if t.lane != Lane.INTERACTIVE]
