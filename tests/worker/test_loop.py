@@ -259,6 +259,25 @@ def test_an_interactive_task_claimed_with_batch_lane_work_runs_and_commits_first
     assert all(tasks[x].started_at == tasks[1].started_at for x in mates)  # one claim
 
 
+def test_a_client_answered_under_a_backlog_sends_again_into_the_batch_after_the_next(
+    q: TaskQueue,
+) -> None:
+    """A closed-loop interactive client under a batch-lane backlog: answered after its task
+    ran alone, it sends again while its claim-mates run, and that request is in the claim
+    made at the end of their batch, not the one after (the claim ahead is timed from the
+    batch-lane rest's start, not from the interactive task's)."""
+    _backlog(q, 40)
+    model = Slow(0.3, max_batch=4)
+    with Running(q, model):
+        _wait_batches(model, 2)  # deep, with the run time known: claims ahead
+        [one] = _submit(q, [1])
+        _wait_finished(q, [one])
+        [two] = _submit(q, [2])
+        _wait_finished(q, [two])
+    at_one, at_two = model.batches.index([1]), model.batches.index([2])
+    assert at_two == at_one + 2  # [1], its claim-mates, then [2] from the next claim
+
+
 def test_with_a_slow_model_a_batch_of_several_is_followed_back_to_back(q: TaskQueue) -> None:
     """When predict is long enough to hide a claim, the next batch is claimed during this
     one's run even when it is not full: its tasks start before this batch's results commit."""

@@ -217,19 +217,21 @@ class Worker:
                 ahead = None
                 drained = False
                 if batch:
-                    if self._pipelined(len(batch)):
-                        ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
-                    else:
-                        drained = len(batch) < self.max_batch
+                    pipelined = self._pipelined(len(batch))
+                    drained = not pipelined and len(batch) < self.max_batch
                     urgent, rest = _split_lanes(batch)
                     if urgent and rest:
                         # Interactive tasks claimed among batch-lane work run first, in a
                         # predict of their own, and their results commit at once: their
-                        # clients wait, and a batch of 32 takes longer than one of 2.
+                        # clients wait, and a batch of 32 takes longer than one of 2. The
+                        # claim ahead is timed from the rest's start, so that the request
+                        # an answered client sends next still makes the batch after it.
                         first = self._run_batch(urgent, timed=False)
                         if first is not None:
                             self._hand_on(first, now=True)
                         batch = rest
+                    if pipelined:
+                        ahead = claims.submit(self._claim_ahead, time.monotonic(), stop)
                     results = self._run_batch(batch)
                     continue
                 try:
