@@ -250,6 +250,11 @@ class Worker:
             beat_stop.set()
             beats.join(5)
             self.release_held()
+            if self.agent_lost is not None:
+                # A claim the agent committed but never answered leaves tasks leased to this
+                # worker that it does not know of: back to the queue now, not at lease expiry.
+                with contextlib.suppress(GpufleetError):
+                    self.queue.recover_worker(cfg.worker_id, "its queue agent exited")
             gc.unfreeze()
         return self.stats
 
